@@ -1,0 +1,1 @@
+"""How stages run: config, run directory, executors, resume, catalog, report and the CLI."""

@@ -1,0 +1,164 @@
+"""The ``pairsift`` command: a thin shell over functions that tests call directly.
+
+Every error a user can cause ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.errors import UserError
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Curate image-text pretraining data on Ray: download, filter, balance, recaption, shard.")
+metadata_app = typer.Typer(no_args_is_help=True, help="MetaCLIP metadata (concept entry lists).")
+app.add_typer(metadata_app, name="metadata")
+
+ConfigArg = Annotated[str, typer.Argument(help="a config file, or a preset name from configs/ (e.g. demo)")]
+RunArg = Annotated[Path, typer.Argument(help="a run directory")]
+
+
+def _overrides(run_dir: Optional[str], address: Optional[str], executor: Optional[str],
+               sets: Optional[list[str]]) -> dict:
+    values: dict = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set input.shard_size=1000")
+        key, raw = item.split("=", 1)
+        import yaml
+
+        values[key] = yaml.safe_load(raw)
+    if run_dir:
+        values["run_dir"] = run_dir
+    if address:
+        values["ray.address"] = address
+    if executor:
+        values["executor.kind"] = executor
+    return values
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    run_dir: Annotated[Optional[str], typer.Option(help="override run_dir")] = None,
+    address: Annotated[Optional[str], typer.Option(help="join this Ray cluster instead of starting one")] = None,
+    executor: Annotated[Optional[str], typer.Option(help="ray (default) or local (in-process)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: a.b=value")] = None,
+) -> None:
+    """Run (or resume) a pipeline config; finished shards are skipped."""
+    from pipeline.config import load_config
+    from pipeline.report_text import print_funnel, print_summary
+    from pipeline.runner import run_pipeline
+
+    cfg = load_config(config, _overrides(run_dir, address, executor, set_))
+    summary = run_pipeline(cfg)
+    print_summary(summary)
+    print_funnel(cfg.run_dir)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(config: ConfigArg) -> None:
+    """Check a config without running anything."""
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    typer.echo(f"ok: {len(cfg.stages)} stages: {', '.join(s.label for s in cfg.stages)}")
+
+
+@app.command()
+def plan(
+    config: ConfigArg,
+    run_dir: Annotated[Optional[str], typer.Option(help="override run_dir")] = None,
+) -> None:
+    """Print the stages, their resources and what is already done in the run directory."""
+    from pipeline.config import load_config
+    from pipeline.report_text import print_plan
+
+    print_plan(load_config(config, _overrides(run_dir, None, None, None)))
+
+
+@app.command()
+def status(run_dir: RunArg) -> None:
+    """Print the funnel of a run: rows in, kept, dropped by reason, per stage."""
+    from pipeline.report_text import print_funnel
+
+    print_funnel(run_dir)
+
+
+@app.command()
+def query(run_dir: RunArg, sql: Annotated[str, typer.Argument(help="DuckDB SQL; views: samples, <stage>...")]) -> None:
+    """Run SQL over the run's catalog (a view per stage and a `samples` view joining them)."""
+    from pipeline.catalog import query as run_query
+    from pipeline.report_text import print_table
+
+    columns, rows = run_query(run_dir, sql)
+    print_table(columns, rows)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="output directory")],
+    n: Annotated[int, typer.Option(help="pool rows")] = 10_000,
+    seed: Annotated[int, typer.Option()] = 0,
+    base_url: Annotated[str, typer.Option(help="where `pairsift serve` will serve it")] = "http://127.0.0.1:8765",
+) -> None:
+    """Draw a synthetic web corpus with known concepts, defects and a separate ground truth."""
+    from pipeline.synth import synthesize
+
+    summary = synthesize(out, n=n, seed=seed, base_url=base_url)
+    typer.echo(f"wrote {out}: {summary}")
+
+
+@app.command()
+def serve(
+    directory: Annotated[Path, typer.Argument(help="a directory written by `pairsift synth`")],
+    port: Annotated[int, typer.Option()] = 8765,
+    host: Annotated[str, typer.Option(help="a loopback address")] = "127.0.0.1",
+) -> None:
+    """Serve a synthetic corpus over HTTP on 127.0.0.1 until Ctrl-C."""
+    from pipeline.serve import serve_forever
+
+    serve_forever(directory, host, port)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where the corpus and the run go")] = Path("runs/demo"),
+    size: Annotated[str, typer.Option(help="small | default | large")] = "default",
+    seed: Annotated[int, typer.Option()] = 0,
+    executor: Annotated[str, typer.Option(help="ray or local")] = "ray",
+) -> None:
+    """Synthesize a corpus, serve it on 127.0.0.1 and curate it with configs/demo.yaml on local Ray."""
+    from pipeline.demo import run_demo
+
+    run_demo(out, size=size, seed=seed, executor=executor)
+
+
+@metadata_app.command("build")
+def metadata_build(out: Annotated[Path, typer.Option(help="output file")]) -> None:
+    """Build a MetaCLIP-style entry list offline from WordNet and word frequencies."""
+    from stages.metadata import build_metadata
+
+    typer.echo(str(build_metadata(out)))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        app()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,202 @@
+"""The run config: YAML validated with pydantic before anything starts.
+
+Every mistake is reported as one line naming the key's path (``stages[1] (download).timeout: ...``).
+Each stage validates its own section with its ``config_class``; this module only knows the frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import UserError
+from stages import UnknownStage, stage_class
+from stages.base import StageConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(Strict):
+    """Where the URL list is and how to read it."""
+
+    path: str
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "webdataset"] = "auto"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    shard_size: int = Field(10_000, gt=0, description="rows per input shard: the unit of work")
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="join this cluster; None starts Ray locally")
+    node_ip: str = Field("127.0.0.2", description="loopback address a local Ray binds to")
+    num_cpus: int | None = Field(None, gt=0)
+    # Explicit, because Ray turns token auth on by itself when ~/.ray/auth_token exists and the
+    # variable is unset: then a run would work or fail depending on what an earlier run left behind.
+    auth_mode: Literal["disabled", "token"] = "disabled"
+
+
+class ExecutorConfig(Strict):
+    kind: Literal["ray", "local"] = "ray"
+    max_retries: int = Field(2, ge=0, description="extra attempts for a failing shard")
+    shard_timeout_s: float = Field(1800.0, gt=0, description="a shard past this is retried or failed")
+    max_workers: int | None = Field(None, gt=0, description="cap on concurrent shards per stage")
+
+
+class ShardsConfig(Strict):
+    samples_per_shard: int = Field(10_000, gt=0)
+    json_columns: list[str] | None = Field(
+        None, description="catalog columns copied into each sample's json; None = all scalar ones"
+    )
+
+
+class StageSpec(Strict):
+    """One entry of ``stages:``: the stage's name, an optional label, and its validated config."""
+
+    stage: str
+    label: str
+    config: StageConfig
+
+    @property
+    def dir_name(self) -> str:
+        return self.label
+
+
+class RunConfig(Strict):
+    run_dir: str
+    input: InputConfig
+    ray: RayConfig = RayConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    stages: list[StageSpec] = []
+    shards: ShardsConfig = ShardsConfig()
+
+    def stage_hashes(self) -> dict[str, str]:
+        """Per-stage hash chained through every stage before it: editing one stage's config
+        changes its hash and every later one, never an earlier one."""
+        hashes: dict[str, str] = {}
+        previous = config_hash(self.input.model_dump(exclude={"path"}) | {"path": self.input.path})
+        hashes["ingest"] = previous
+        for spec in self.stages:
+            previous = config_hash({"stage": spec.stage, "config": spec.config.model_dump(), "after": previous})
+            hashes[spec.label] = previous
+        hashes["shards"] = config_hash({"shards": self.shards.model_dump(), "after": previous})
+        return hashes
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.model_dump(exclude={"stages"})
+        data["stages"] = [{"stage": s.stage, "label": s.label, **s.config.model_dump()} for s in self.stages]
+        return data
+
+
+def config_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _first_error(err: ValidationError, prefix: str = "") -> str:
+    first = err.errors()[0]
+    where = _where(first["loc"])
+    where = f"{prefix}.{where}" if prefix and where else (prefix or where)
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def parse_config(data: Any, source: str = "config") -> RunConfig:
+    """Validate a config mapping; raise UserError with one line on the first problem."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    raw_stages = data.pop("stages", []) or []
+    if not isinstance(raw_stages, list):
+        raise UserError(f"{source}: stages: expected a list of stage entries")
+    specs: list[StageSpec] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(raw_stages):
+        where = f"stages[{index}]"
+        if not isinstance(entry, dict) or "stage" not in entry:
+            raise UserError(f"{source}: {where}: each stage entry needs a 'stage:' key naming the stage")
+        entry = dict(entry)
+        name = entry.pop("stage")
+        label = entry.pop("label", name)
+        try:
+            cls = stage_class(str(name))
+        except UnknownStage as exc:
+            raise UserError(f"{source}: {where}: {exc.args[0]}") from None
+        if label in seen or label in ("ingest", "shards", "report"):
+            raise UserError(f"{source}: {where}: stage label {label!r} is used twice; give one a 'label:'")
+        seen.add(label)
+        try:
+            stage_cfg = cls.config_class(**entry)
+        except ValidationError as exc:
+            raise UserError(f"{source}: {_first_error(exc, f'{where} ({name})')}") from None
+        specs.append(StageSpec.model_construct(stage=name, label=label, config=stage_cfg))
+    try:
+        cfg = RunConfig(**data)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_first_error(exc)}") from None
+    cfg.stages = specs
+    return cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases: anchor/alias expansion is a classic YAML bomb."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path, or the short name of a preset in configs/ (``demo`` -> configs/demo.yaml)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise UserError(f"config {name_or_path!r} not found: not a file, and not a preset (presets: {known})")
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = resolve_config_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: malformed YAML: {' '.join(str(exc).split())}") from None
+    if data is None:
+        raise UserError(f"{path}: the config is empty")
+    if isinstance(data, dict):
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted, value)
+    return parse_config(data, source=str(path))
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+    data[keys[-1]] = value

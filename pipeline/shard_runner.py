@@ -1,0 +1,224 @@
+"""Run one stage on one shard: assemble its input from the run directory, call it, write atomically.
+
+This is the single piece of code both executors (in-process and Ray) call, so a stage behaves the
+same wherever it runs. The input of a stage is the ingest part joined with every earlier stage's
+columns, keeping only rows no earlier stage dropped; rows keep their order, so joins are positional
+and checked by uid.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.run_dir import RunDir, ShardDone, write_atomic
+from stages import import_stage
+from stages.base import IMAGE, REASON, PoolStage, Stage, StageConfig
+
+MAX_ERROR_KINDS = 20  # a capped counter: a million distinct errors must not become a million keys
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def image_extension(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "bin"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible tars: the same samples give the same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_image_tar(path: Path, table: pa.Table) -> int:
+    """Images as img2dataset writes them: KEY.<ext> + KEY.txt + KEY.json, KEY = uid."""
+    count = 0
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for uid, url, caption, image in zip(
+            table.column("uid").to_pylist(), table.column("url").to_pylist(),
+            table.column("caption").to_pylist(), table.column(IMAGE).to_pylist(),
+        ):
+            if image is None:
+                continue
+            _add_member(tar, f"{uid}.{image_extension(image)}", image)
+            _add_member(tar, f"{uid}.txt", (caption or "").encode("utf-8", "replace"))
+            _add_member(tar, f"{uid}.json", json.dumps({"uid": uid, "url": url, "caption": caption}).encode())
+            count += 1
+    return count
+
+
+def read_image_tar(path: Path) -> dict[str, bytes]:
+    images: dict[str, bytes] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.rpartition(".")
+            if ext in ("jpg", "png", "webp", "bin") and member.isfile():
+                handle = tar.extractfile(member)
+                images[key] = handle.read() if handle else b""
+    return images
+
+
+def read_table(path: Path) -> pa.Table:
+    return pq.read_table(path)
+
+
+def alive(table: pa.Table) -> pa.Table:
+    if REASON not in table.column_names:
+        return table
+    return table.filter(pc.is_null(table.column(REASON))).drop_columns([REASON])
+
+
+def join_positional(base: pa.Table, part: pa.Table, where: str) -> pa.Table:
+    """Add ``part``'s columns to ``base`` (same rows, same order), then keep the rows it kept."""
+    if base.num_rows != part.num_rows or base.column("uid") != part.column("uid"):
+        raise RuntimeError(f"{where}: rows do not line up with the stage's input; rerun this stage")
+    for name in part.column_names:
+        if name == "uid":
+            continue
+        column = part.column(name)
+        if name in base.column_names:
+            base = base.set_column(base.column_names.index(name), name, column)
+        else:
+            base = base.append_column(name, column)
+    return alive(base)
+
+
+def load_input(run: RunDir, upstream: list[str], shard: int) -> pa.Table:
+    """The rows still alive before the next stage, with every earlier stage's columns."""
+    table = read_table(run.part("ingest", shard))
+    for label in upstream[1:]:
+        table = join_positional(table, read_table(run.part(label, shard)), f"{label} shard {shard}")
+    return table
+
+
+def attach_images(run: RunDir, upstream: list[str], shard: int, table: pa.Table) -> pa.Table:
+    """Add the ``image`` column from the latest earlier stage that stored images (download, or ingest of tars)."""
+    images: dict[str, bytes] = {}
+    for label in reversed(upstream):
+        tar_path = run.images(label, shard)
+        if tar_path.exists():
+            images = read_image_tar(tar_path)
+            break
+    column = pa.array([images.get(uid) for uid in table.column("uid").to_pylist()], pa.binary())
+    if IMAGE in table.column_names:
+        return table.set_column(table.column_names.index(IMAGE), IMAGE, column)
+    return table.append_column(IMAGE, column)
+
+
+def summarise(output: pa.Table, seconds: float) -> dict[str, Any]:
+    reasons = Counter(r for r in output.column(REASON).to_pylist() if r is not None)
+    errors: Counter[str] = Counter()
+    if "error" in output.column_names:
+        errors.update(e.splitlines()[0][:200] for e in output.column("error").to_pylist() if e)
+    return {
+        "rows_in": output.num_rows,
+        "kept": output.num_rows - sum(reasons.values()),
+        "dropped": dict(reasons),
+        "seconds": seconds,
+        "errors": dict(errors.most_common(MAX_ERROR_KINDS)),
+    }
+
+
+def check_output(stage: Stage, given: pa.Table, output: pa.Table) -> pa.Table:
+    if not isinstance(output, pa.Table) or output.num_rows != given.num_rows:
+        raise RuntimeError(f"stage {stage.name} returned a different number of rows than it was given")
+    if output.column("uid") != given.column("uid"):
+        raise RuntimeError(f"stage {stage.name} reordered or changed the rows it was given")
+    if REASON not in output.column_names:
+        output = output.append_column(REASON, pa.nulls(output.num_rows, pa.string()))
+    return output
+
+
+def write_part(run: RunDir, label: str, shard: int, given: pa.Table, output: pa.Table) -> None:
+    """The stage's new columns go to its parquet part; an image column goes to a tar beside it."""
+    new_columns = [n for n in output.column_names if n not in given.column_names or n == REASON]
+    if IMAGE in new_columns or (IMAGE in output.column_names and IMAGE not in given.column_names):
+        write_image_tar(run.images(label, shard), output)
+    keep = ["uid"] + [n for n in new_columns if n not in ("uid", IMAGE)]
+    write_atomic(run.part(label, shard), output.select(keep))
+
+
+class ShardRunner:
+    """One stage, set up once, applied to shards. Executors create one per worker."""
+
+    def __init__(self, run_root: str, stage_path: str, config: dict[str, Any], label: str,
+                 upstream: list[str]):
+        self.run = RunDir(run_root)
+        self.label = label
+        self.upstream = upstream
+        cls = import_stage(stage_path)  # resolved on the driver: workers need no registry
+        cfg: StageConfig = cls.config_class(**config)
+        self.stage = cls(cfg)
+        self.stage.setup()
+
+    def _input(self, shard: int) -> pa.Table:
+        table = load_input(self.run, self.upstream, shard)
+        if self.stage.needs_images:
+            table = attach_images(self.run, self.upstream, shard, table)
+        return table
+
+    def run_part(self, shard: int, config_hash: str, upstream_versions: list[str]) -> ShardDone:
+        started = time.perf_counter()
+        given = self._input(shard)
+        output = check_output(self.stage, given, self.stage(given))
+        write_part(self.run, self.label, shard, given, output)
+        done = ShardDone(config_hash=config_hash, upstream=upstream_versions,
+                         **summarise(output, time.perf_counter() - started))
+        self.run.mark_done(self.run.part(self.label, shard), done)
+        return done
+
+    def run_partial(self, shard: int, config_hash: str, upstream_versions: list[str]) -> ShardDone:
+        assert isinstance(self.stage, PoolStage)
+        started = time.perf_counter()
+        given = self._input(shard)
+        summary = self.stage.partial(given)
+        path = self.run.partial(self.label, shard)
+        write_atomic(path, summary)
+        done = ShardDone(config_hash=config_hash, upstream=upstream_versions, rows_in=given.num_rows,
+                         kept=given.num_rows, seconds=time.perf_counter() - started)
+        self.run.mark_done(path, done)
+        return done
+
+    def run_apply(self, shard: int, config_hash: str, upstream_versions: list[str],
+                  fitted: dict[str, Any]) -> ShardDone:
+        assert isinstance(self.stage, PoolStage)
+        started = time.perf_counter()
+        given = self._input(shard)
+        summary = read_table(self.run.partial(self.label, shard))
+        output = check_output(self.stage, given, self.stage.apply(given, fitted, summary))
+        write_part(self.run, self.label, shard, given, output)
+        done = ShardDone(config_hash=config_hash, upstream=upstream_versions,
+                         **summarise(output, time.perf_counter() - started))
+        self.run.mark_done(self.run.part(self.label, shard), done)
+        return done

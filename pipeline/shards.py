@@ -1,0 +1,118 @@
+"""Final training shards: the kept samples, repacked into webdataset tars of a chosen size.
+
+Output shard j holds kept samples [j*S, (j+1)*S) in input order, so its contents depend only on
+what was kept, never on how many workers ran. Each tar has KEY.<ext> (the image as downloaded),
+KEY.txt (caption) and KEY.json (the sample's catalog columns), plus NNNNN.parquet with the same rows;
+``sizes.json`` lets ``open_clip_train`` read the directory without ``--train-num-samples``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.run_dir import RunDir, ShardDone, write_atomic
+from pipeline.shard_runner import _add_member, atomic_path, attach_images, image_extension, load_input
+from stages.base import IMAGE
+
+Slice = tuple[int, int, int]  # (input shard, first kept row, end kept row)
+
+# Columns never copied into a sample's json: bulky or internal to the pipeline.
+_NOT_IN_JSON = {IMAGE, "image_embedding", "text_embedding", "dup_url", "dup_url_caption", "matched_entries"}
+
+
+def plan_output_shards(kept_per_input: dict[int, int], samples_per_shard: int) -> list[list[Slice]]:
+    """Cut the kept rows, in input-shard order, into consecutive output shards."""
+    total = sum(kept_per_input.values())
+    plan: list[list[Slice]] = [[] for _ in range(math.ceil(total / samples_per_shard))]
+    position = 0
+    for shard in sorted(kept_per_input):
+        count, start = kept_per_input[shard], 0
+        while start < count:
+            out = (position + start) // samples_per_shard
+            room = (out + 1) * samples_per_shard - (position + start)
+            end = min(count, start + room)
+            plan[out].append((shard, start, end))
+            start = end
+        position += count
+    return plan
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def sample_json(row: dict[str, Any], columns: list[str] | None) -> bytes:
+    names = columns if columns is not None else [n for n in row if n not in _NOT_IN_JSON]
+    return json.dumps({n: _json_safe(row.get(n)) for n in names}, default=str).encode()
+
+
+class ShardWriter:
+    """Worker that writes one output shard from the run's stage outputs."""
+
+    def __init__(self, run_root: str, upstream: list[str], json_columns: list[str] | None):
+        self.run = RunDir(run_root)
+        self.upstream = upstream
+        self.json_columns = json_columns
+
+    def _rows(self, slices: list[Slice]) -> pa.Table:
+        pieces = []
+        for shard, start, end in slices:
+            table = load_input(self.run, self.upstream, shard).slice(start, end - start)
+            pieces.append(attach_images(self.run, self.upstream, shard, table))
+        return pa.concat_tables(pieces, promote_options="permissive")
+
+    def write(self, index: int, slices: list[Slice], config_hash: str, upstream_versions: list[str]) -> ShardDone:
+        started = time.perf_counter()
+        rows = self._rows(slices)
+        tar_path = self.run.shards_dir / f"{index:05d}.tar"
+        written, missing = [], 0
+        with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w") as tar:
+            for row in rows.to_pylist():
+                image = row.get(IMAGE)
+                if not image:
+                    missing += 1  # kept but imageless: cannot be a training sample
+                    continue
+                key = row["uid"]
+                _add_member(tar, f"{key}.{image_extension(image)}", image)
+                _add_member(tar, f"{key}.txt", (row.get("caption") or "").encode("utf-8", "replace"))
+                _add_member(tar, f"{key}.json", sample_json(row, self.json_columns))
+                written.append(key)
+        table = rows.drop_columns([c for c in rows.column_names if c in _NOT_IN_JSON])
+        uids = set(written)
+        write_atomic(self.run.shards_dir / f"{index:05d}.parquet",
+                     table.filter(pa.array([u in uids for u in table.column("uid").to_pylist()])))
+        done = ShardDone(config_hash=config_hash, upstream=upstream_versions, rows_in=rows.num_rows,
+                         kept=len(written), dropped={"no_image": missing} if missing else {},
+                         seconds=time.perf_counter() - started)
+        self.run.mark_done(tar_path, done)
+        return done
+
+
+def write_sizes(run: RunDir, n_shards: int) -> dict[str, int]:
+    sizes = {}
+    for index in range(n_shards):
+        done = run.read_done(run.shards_dir / f"{index:05d}.tar")
+        if done is not None:
+            sizes[f"{index:05d}.tar"] = done.kept
+    write_atomic(run.shards_dir / "sizes.json", json.dumps(sizes, indent=1))
+    return sizes
+
+
+def remove_stale_shards(run: RunDir, n_shards: int) -> None:
+    """A rerun that keeps fewer samples must not leave old shards behind under valid names."""
+    if not run.shards_dir.exists():
+        return
+    for path in run.shards_dir.glob("[0-9]*.*"):
+        stem = path.name.split(".")[0]
+        if stem.isdigit() and int(stem) >= n_shards:
+            path.unlink(missing_ok=True)

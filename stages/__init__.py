@@ -1,0 +1,43 @@
+"""Curation steps, one module per stage family. See ``stages/base.py`` for the contract.
+
+``STAGES`` maps the name a config uses to where the stage lives. Modules are imported only when a
+config names them, so a text-only run never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from stages.base import Stage
+
+STAGES: dict[str, str] = {
+    "text_filter": "stages.text_filter:TextFilter",
+    "download": "stages.download:Download",
+    "image_filter": "stages.image_filter:ImageFilter",
+    "clip_score": "stages.clip_score:ClipScore",
+    "clip_filter": "stages.clip_score:ClipFilter",
+    "balance": "stages.balance:Balance",
+    "rewrite": "stages.recaption:Rewrite",
+    "enrich": "stages.recaption:Enrich",
+}
+
+
+class UnknownStage(KeyError):
+    pass
+
+
+def stage_path(name: str) -> str:
+    """Where the stage lives ("module:Class"); an unknown name lists the ones that exist."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise UnknownStage(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}") from None
+
+
+def import_stage(path: str) -> type[Stage]:
+    module_name, class_name = path.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def stage_class(name: str) -> type[Stage]:
+    return import_stage(stage_path(name))

@@ -1,0 +1,93 @@
+"""The stage contract: what every curation step is, independent of how it is run.
+
+A stage takes one shard's rows as an Arrow table and returns the same rows, in the same order,
+with its own columns added. Rows it drops keep their place and get a ``reason``; nothing is deleted,
+so the catalog can always answer "why is this sample gone". Stages know nothing about Ray, files or
+retries: ``pipeline/`` wraps them. Per-sample failures are values (a reason), never exceptions.
+
+``PoolStage`` is for steps that need the whole pool first (a top-fraction threshold, MetaCLIP's
+global entry counts): ``partial`` summarises one shard, ``fit`` combines all summaries once, and
+``apply`` then decides per shard with the fitted result.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+REASON = "reason"  # null = kept by this stage; otherwise why the row was dropped
+IMAGE = "image"  # encoded image bytes; the executor stores this column as a webdataset tar
+
+
+class StageConfig(BaseModel):
+    """Base for every stage's config: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(BaseModel):
+    """What one worker of a stage needs. Fractions pack several workers on one device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    config_class: ClassVar[type[StageConfig]]
+    # True when setup() is expensive (models, automata): the executor keeps the stage alive in an
+    # actor pool instead of building it per shard.
+    stateful: ClassVar[bool] = False
+    # True when the stage reads image bytes: the executor attaches an ``image`` column.
+    needs_images: ClassVar[bool] = False
+
+    def __init__(self, cfg: StageConfig):
+        self.cfg = cfg
+
+    @property
+    def resources(self) -> Resources:
+        return Resources()
+
+    def setup(self) -> None:
+        """Load heavy things once per worker."""
+
+    @abstractmethod
+    def __call__(self, shard: pa.Table) -> pa.Table:
+        """Return ``shard`` with this stage's columns (and ``reason`` if it drops rows) added."""
+
+
+class PoolStage(Stage):
+    """A stage with a whole-pool fit between a per-shard summary and the per-shard decision."""
+
+    @abstractmethod
+    def partial(self, shard: pa.Table) -> pa.Table:
+        """A small summary of one shard (counts, scores) that ``fit`` combines."""
+
+    @abstractmethod
+    def fit(self, partials: list[pa.Table]) -> dict[str, Any]:
+        """Combine every shard's summary into the pool-wide result.
+
+        Values that are ``pa.Table`` are stored as parquet beside the fit (entry counts); everything
+        else must be JSON-serialisable. ``apply`` receives the same dict back."""
+
+    @abstractmethod
+    def apply(self, shard: pa.Table, fitted: dict[str, Any], partial: pa.Table) -> pa.Table:
+        """Decide for one shard, given the pool-wide fit and this shard's own summary."""
+
+    def __call__(self, shard: pa.Table) -> pa.Table:  # in-process convenience: fit on one shard
+        summary = self.partial(shard)
+        return self.apply(shard, self.fit([summary]), summary)
+
+
+def with_reason(shard: pa.Table, reasons: list[str | None]) -> pa.Table:
+    """Append (or fill) the ``reason`` column, keeping an earlier reason where one exists."""
+    column = pa.array(reasons, pa.string())
+    if REASON in shard.column_names:
+        earlier = shard.column(REASON).to_pylist()
+        column = pa.array([e if e is not None else r for e, r in zip(earlier, reasons)], pa.string())
+        return shard.set_column(shard.column_names.index(REASON), REASON, column)
+    return shard.append_column(REASON, column)
