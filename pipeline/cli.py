@@ -106,6 +106,20 @@ def query(run_dir: RunArg, sql: Annotated[str, typer.Argument(help="DuckDB SQL; 
 
 
 @app.command()
+def verify(run_dir: RunArg) -> None:
+    """Check a finished run from disk: tars vs parquet, sizes.json, unique uids, per-stage row accounting."""
+    from pipeline.verify import verify_run
+
+    report = verify_run(run_dir)
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}", err=True)
+    checked = ", ".join(f"{n:,} {what}" for what, n in report.checked.items())
+    typer.echo(f"{'ok' if report.ok else 'FAILED'}: checked {checked}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="output directory")],
     n: Annotated[int, typer.Option(help="pool rows")] = 10_000,

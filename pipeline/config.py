@@ -82,7 +82,7 @@ class RunConfig(Strict):
         """Per-stage hash chained through every stage before it: editing one stage's config
         changes its hash and every later one, never an earlier one."""
         hashes: dict[str, str] = {}
-        previous = config_hash(self.input.model_dump(exclude={"path"}) | {"path": self.input.path})
+        previous = config_hash(self.input.model_dump() | {"fingerprint": input_fingerprint(self.input.path)})
         hashes["ingest"] = previous
         for spec in self.stages:
             previous = config_hash({"stage": spec.stage, "config": spec.config.model_dump(), "after": previous})
@@ -94,6 +94,20 @@ class RunConfig(Strict):
         data = self.model_dump(exclude={"stages"})
         data["stages"] = [{"stage": s.stage, "label": s.label, **s.config.model_dump()} for s in self.stages]
         return data
+
+
+def input_fingerprint(path: str) -> list[tuple[str, int, int]]:
+    """Size and mtime of the input file(s): a rewritten list must be ingested again."""
+    root = Path(path)
+    files = sorted(root.glob("*.tar")) if root.is_dir() else [root]
+    out = []
+    for file in files:
+        try:
+            stat = file.stat()
+        except OSError:
+            continue
+        out.append((file.name, stat.st_size, stat.st_mtime_ns))
+    return out
 
 
 def config_hash(data: Any) -> str:

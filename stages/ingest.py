@@ -22,7 +22,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
 from stages.base import IMAGE
@@ -79,10 +78,46 @@ def _read_batches(path: Path, fmt: str) -> Iterator[pa.Table]:
             for batch in reader:
                 yield pa.Table.from_batches([batch])
     elif fmt == "jsonl":
-        with _open_maybe_gzip(path) as handle:
-            yield pjson.read_json(handle, read_options=pjson.ReadOptions(block_size=1 << 24))
+        yield from _read_jsonl(path)
     else:
         raise ValueError(f"unsupported format {fmt}")
+
+
+def _scalar_text(value: object) -> object:
+    """Keep strings; numbers become text; anything else (lists, objects) becomes null."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value if isinstance(value, str) or value is None else None
+
+
+def _read_jsonl(path: Path) -> Iterator[pa.Table]:
+    """JSON lines read one by one: one odd line (a number for a url, bad UTF-8) must not sink the file.
+
+    Values are normalised per row (text stays text, numbers become text, the rest null); a line
+    that is not JSON at all is a one-line error with its line number."""
+    rows: list[dict] = []
+    with _open_maybe_gzip(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON object: {exc}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object per line")
+            rows.append({str(k): _scalar_text(v) for k, v in record.items()})
+            if len(rows) == _READ_ROWS:
+                yield _rows_to_table(rows)
+                rows = []
+    if rows:
+        yield _rows_to_table(rows)
+
+
+def _rows_to_table(rows: list[dict]) -> pa.Table:
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    return pa.table({n: pa.array([row.get(n) for row in rows], pa.string()) for n in names})
 
 
 def _tar_paths(path: Path) -> list[Path]:

@@ -14,7 +14,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), str(REPO / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 )
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the real `stages` package before tests/stages
 
 RAY_NODE_IP = "127.0.0.2"  # plain ray.init() binds to the network address; any loopback but .1 stays put
 

@@ -20,6 +20,7 @@ from pipeline.catalog import funnel, query
 from pipeline.config import parse_config
 from pipeline.run_dir import RunDir
 from pipeline.runner import run_pipeline
+from pipeline.verify import verify_run
 from stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +69,7 @@ def test_local_run_funnel_matches_rules(tmp_path):
     assert stages["caption_length"].dropped == {"too_short": short}
     assert stages["top_fraction"].rows_in == 500 - short
     assert all(s.balanced for s in stages.values())
+    assert verify_run(tmp_path / "run").ok
     # the pool-wide threshold: the length at index int(N * fraction) of the descending sort
     lengths = sorted((len(r["caption"]) for r in rows if len(r["caption"]) >= 5), reverse=True)
     threshold = lengths[int(len(lengths) * 0.5)]
@@ -158,7 +160,7 @@ def test_sigkill_of_the_driver_then_rerun_equals_an_uninterrupted_run(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=str(REPO / "tests"), cfg=str(cfg_path)))
     env = os.environ | {"PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=open(tmp_path / "driver.log", "w"))
     run = RunDir(tmp_path / "run")
     deadline = time.monotonic() + 120
     while len(versions(run, "caption_length")) < 3 and time.monotonic() < deadline:
@@ -180,3 +182,17 @@ def test_sigkill_of_the_driver_then_rerun_equals_an_uninterrupted_run(tmp_path):
     _, dupes = query(tmp_path / "run", "SELECT count(*) - count(DISTINCT uid) FROM samples")
     assert dupes[0][0] == 0
     assert not list((tmp_path / "run").rglob("*.tmp"))  # no half-written file under any name
+    assert verify_run(tmp_path / "run").ok
+
+
+def test_verify_catches_a_damaged_run(tmp_path):
+    make_pool(tmp_path / "pool.parquet")
+    run_pipeline(parse_config(config(tmp_path)))
+    shards = tmp_path / "run" / "shards"
+    sizes = json.loads((shards / "sizes.json").read_text())
+    sizes["00000.tar"] += 1
+    (shards / "sizes.json").write_text(json.dumps(sizes))
+    (tmp_path / "run" / "caption_length" / "part-00003.parquet").unlink()
+    problems = verify_run(tmp_path / "run").problems
+    assert any("sizes.json says" in p for p in problems)
+    assert any("caption_length shard 3" in p for p in problems)

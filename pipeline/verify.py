@@ -1,0 +1,136 @@
+"""`pairsift verify RUN`: check a finished run on its own, from what is on disk.
+
+Every tar opens and its members match its parquet; sizes.json matches the tars; every uid appears
+once; per stage, rows in = kept + dropped with a reason, and each stage saw exactly the rows the
+stage before it kept; the training shards hold exactly the kept samples; no temporary file is left.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.run_dir import RunDir
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    checked: Counter = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < 100:
+            self.problems.append(text)
+
+
+def _tar_keys(path: Path, report: VerifyReport) -> list[str]:
+    members: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition(".")
+                members.setdefault(key, set()).add(ext)
+                handle = tar.extractfile(member)
+                if handle is None or len(handle.read()) != member.size:
+                    report.problem(f"{path.name}: member {member.name} is truncated")
+    except (tarfile.TarError, OSError) as exc:
+        report.problem(f"{path.name}: does not open as a tar: {exc}")
+        return []
+    for key, exts in members.items():
+        if "txt" not in exts or "json" not in exts or not exts & {"jpg", "png", "webp"}:
+            report.problem(f"{path.name}: sample {key} lacks an image, txt or json member ({sorted(exts)})")
+    return list(members)
+
+
+def verify_run(run_root: str | Path) -> VerifyReport:
+    run = RunDir(run_root)
+    report = VerifyReport()
+    meta = run.read_run_json()
+    labels = ["ingest"] + [s["label"] for s in meta["config"].get("stages", [])]
+    n_shards = json.loads((run.stage_dir("ingest") / "_manifest.json").read_text())["n_shards"]
+
+    for tmp in run.root.rglob("*.tmp"):
+        report.problem(f"temporary file left behind: {tmp.relative_to(run.root)}")
+
+    all_uids: Counter = Counter()
+    kept_after_last: list[str] = []
+    for shard in range(n_shards):
+        alive: list[str] | None = None
+        for label in labels:
+            part = run.part(label, shard)
+            if run.read_done(part) is None or not part.exists():
+                failed = run.read_failed(part)
+                report.problem(f"{label} shard {shard}: " + (f"failed: {failed.error}" if failed else "missing"))
+                alive = None
+                break
+            table = pq.read_table(part)
+            uids = table.column("uid").to_pylist()
+            if label == "ingest":
+                all_uids.update(uids)
+            elif uids != alive:
+                report.problem(f"{label} shard {shard}: saw {len(uids)} rows, the stage before kept {len(alive or [])}")
+            if "reason" in table.column_names:
+                keep_mask = pc.is_null(table.column("reason"))
+                alive = [u for u, k in zip(uids, keep_mask.to_pylist()) if k]
+            else:
+                alive = uids
+            done = run.read_done(part)
+            if done and done.rows_in != len(uids):
+                report.problem(f"{label} shard {shard}: marker says {done.rows_in} rows, the part has {len(uids)}")
+            report.checked["parts"] += 1
+        if alive is not None:
+            kept_after_last.extend(alive)
+
+    for uid, count in all_uids.items():
+        if count > 1:
+            report.problem(f"uid {uid} appears {count} times in the input parts")
+    _verify_shards(run, report, kept_after_last)
+    return report
+
+
+def _verify_shards(run: RunDir, report: VerifyReport, kept: list[str]) -> None:
+    sizes_path = run.shards_dir / "sizes.json"
+    if not sizes_path.exists():
+        report.problem("shards/sizes.json is missing")
+        return
+    sizes = json.loads(sizes_path.read_text())
+    seen: Counter = Counter()
+    for name, size in sorted(sizes.items()):
+        tar_path = run.shards_dir / name
+        keys = _tar_keys(tar_path, report)
+        table_path = tar_path.with_suffix(".parquet")
+        uids = pq.read_table(table_path).column("uid").to_pylist() if table_path.exists() else []
+        if not table_path.exists():
+            report.problem(f"{table_path.name} is missing")
+        if keys != uids:
+            report.problem(f"{name}: tar members and {table_path.name} rows differ")
+        if len(keys) != size:
+            report.problem(f"{name}: sizes.json says {size}, the tar holds {len(keys)}")
+        seen.update(keys)
+        report.checked["shards"] += 1
+        report.checked["samples"] += len(keys)
+    extra = sorted(p.name for p in run.shards_dir.glob("[0-9]*.tar") if p.name not in sizes)
+    if extra:
+        report.problem(f"tars not listed in sizes.json: {extra[:5]}")
+    duplicated = [u for u, c in seen.items() if c > 1]
+    if duplicated:
+        report.problem(f"{len(duplicated)} samples appear in more than one shard")
+    missing = set(kept) - set(seen)
+    # Kept rows without an image (a text-only run) cannot become samples: the shard markers count them.
+    imageless = sum(json.loads(m.read_text()).get("dropped", {}).get("no_image", 0)
+                    for m in run.shards_dir.glob("*.done.json"))
+    if len(missing) != imageless:
+        report.problem(f"{len(missing) - imageless} kept samples are not in any shard")
+    unexpected = set(seen) - set(kept)
+    if unexpected:
+        report.problem(f"{len(unexpected)} samples in the shards were not kept by the pipeline")
