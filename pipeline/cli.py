@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,8 +26,8 @@ ConfigArg = Annotated[str, typer.Argument(help="a config file, or a preset name 
 RunArg = Annotated[Path, typer.Argument(help="a run directory")]
 
 
-def _overrides(run_dir: Optional[str], address: Optional[str], executor: Optional[str],
-               sets: Optional[list[str]]) -> dict:
+def _overrides(run_dir: str | None, address: str | None, executor: str | None,
+               sets: list[str] | None) -> dict:
     values: dict = {}
     for item in sets or []:
         if "=" not in item:
@@ -48,10 +48,10 @@ def _overrides(run_dir: Optional[str], address: Optional[str], executor: Optiona
 @app.command()
 def run(
     config: ConfigArg,
-    run_dir: Annotated[Optional[str], typer.Option(help="override run_dir")] = None,
-    address: Annotated[Optional[str], typer.Option(help="join this Ray cluster instead of starting one")] = None,
-    executor: Annotated[Optional[str], typer.Option(help="ray (default) or local (in-process)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: a.b=value")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="override run_dir")] = None,
+    address: Annotated[str | None, typer.Option(help="join this Ray cluster instead of starting one")] = None,
+    executor: Annotated[str | None, typer.Option(help="ray (default) or local (in-process)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: a.b=value")] = None,
 ) -> None:
     """Run (or resume) a pipeline config; finished shards are skipped."""
     from pipeline.config import load_config
@@ -78,7 +78,7 @@ def validate(config: ConfigArg) -> None:
 @app.command()
 def plan(
     config: ConfigArg,
-    run_dir: Annotated[Optional[str], typer.Option(help="override run_dir")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="override run_dir")] = None,
 ) -> None:
     """Print the stages, their resources and what is already done in the run directory."""
     from pipeline.config import load_config

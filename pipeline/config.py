@@ -198,7 +198,7 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> R
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read config: {exc}") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: malformed YAML: {' '.join(str(exc).split())}") from None
     if data is None:

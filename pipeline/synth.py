@@ -42,12 +42,12 @@ from pipeline.errors import UserError
 # Object colours, far apart in RGB (closest pair ~79) so the colour of the drawn object is
 # unambiguous; the first 8 make the default 48-concept grid.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
+    "red": (225, 25, 25),
     "green": (35, 155, 50),
     "blue": (35, 75, 215),
-    "yellow": (245, 215, 30),
+    "yellow": (250, 230, 20),
     "purple": (125, 45, 170),
-    "orange": (245, 135, 25),
+    "orange": (245, 130, 20),
     "pink": (245, 140, 190),
     "brown": (125, 75, 35),
     "cyan": (40, 200, 215),
@@ -92,7 +92,7 @@ EN_TEMPLATES = [
     "{a} {c}", "{c}", "{a} {c} on a {tex} background", "{C} - stock photo", "photo of {a} {c} {num}",
     "cheap {c} wallpaper hd", "{c} icon png", "{c} clipart vector illustration", "close-up of {a} {c}",
     "{a} {c} sticker for laptop", "Buy {C} online | free shipping", "my {c} :)", "{c} {w}x{h}",
-    "the {c} we saw yesterday", "{a} simple {c} drawing", "{C}", "{a} {c}, isolated",
+    "the {c} we saw yesterday", "a simple {c} drawing", "{C}", "{a} {c}, isolated",
     "Best {c} ideas {year}", "{c} on {tex} background", "{c} | free images",
 ]
 BOILERPLATE = [
@@ -134,12 +134,15 @@ SHAPE_WORDS = {
     "oval": ("óvalo", "m", "Oval", "n", "ovale", "m"),
 }
 FOREIGN_TEMPLATES = {
-    "es": ["foto de {art} {np}", "{np} sobre fondo {tex}", "fondo de pantalla {np} barato",
-           "comprar {np} en línea", "{Np} - foto de archivo", "dibujo de {art} {np} muy bonito"],
-    "de": ["Foto: {np} auf {tex} Hintergrund", "{np} auf {tex} Hintergrund", "{np} günstig kaufen",
-           "Hintergrundbild mit {np_dat}", "{Np} - Stockfoto", "Zeichnung: {np}, einfach und schön"],
-    "fr": ["photo d'{art} {np}", "{np} sur fond {tex}", "fond d'écran {np} pas cher",
-           "acheter {np} en ligne", "{Np} - photo de stock", "dessin d'{art} {np} très joli"],
+    "es": ["foto de {art} {np} sobre fondo {tex}", "{np} sobre un fondo {tex}, dibujo sencillo",
+           "fondo de pantalla de {art} {np}, barato y bonito", "comprar {np} en línea con envío gratis",
+           "{Np} - foto de archivo libre de derechos", "dibujo de {art} {np} muy bonito para niños"],
+    "de": ["Foto: {np} auf {tex} Hintergrund", "ein Bild mit {np_dat} auf {tex} Hintergrund",
+           "{np} günstig online kaufen, schneller Versand", "Hintergrundbild mit {np_dat} für den Desktop",
+           "{Np} - Stockfoto und lizenzfreie Bilder", "Zeichnung: {np}, einfach und schön für Kinder"],
+    "fr": ["photo d'{art} {np} sur fond {tex}", "{np} sur un fond {tex}, dessin simple",
+           "fond d'écran avec {art} {np}, pas cher", "acheter {np} en ligne avec livraison gratuite",
+           "{Np} - photo de stock libre de droits", "dessin d'{art} {np} très joli pour les enfants"],
 }
 FOREIGN_TEXTURE = {
     "es": {"plain": "liso", "stripes": "rayado", "dots": "de lunares", "noise": "granulado"},
@@ -315,27 +318,28 @@ def _shade(rgb: tuple[int, int, int], delta: int) -> tuple[int, int, int]:
     return tuple(int(min(255, max(0, v + sign * delta))) for v in rgb)  # type: ignore[return-value]
 
 
-def _texture(img: Image.Image, rnd: random.Random, bg: tuple[int, int, int], texture: str) -> Image.Image:
-    w, h = img.size
+def _background_image(rnd: random.Random, bg: tuple[int, int, int], texture: str, w: int, h: int) -> Image.Image:
+    """The textured background; texture marks stay close to the background colour."""
+    if texture == "noise":
+        noise = np.random.default_rng(rnd.getrandbits(64)).integers(-28, 29, size=(h, w, 1), dtype=np.int16)
+        return Image.fromarray(np.clip(np.array(bg, np.int16) + noise, 0, 255).astype(np.uint8))
+    img = Image.new("RGB", (w, h), bg)
     draw = ImageDraw.Draw(img)
     mark = _shade(bg, rnd.randrange(25, 45))
     if texture == "stripes":
         step, width, slant = rnd.randrange(4, 11), rnd.randrange(1, 3), rnd.choice([0, 1, -1, None])
-        for x in range(-h, w + h, step):
-            if slant is None:  # horizontal
-                draw.line([(0, x), (w, x)], fill=mark, width=width)
-            else:
+        if slant is None:  # horizontal
+            for y in range(rnd.randrange(step), h, step):
+                draw.line([(0, y), (w, y)], fill=mark, width=width)
+        else:  # vertical or diagonal
+            for x in range(-h, w + h, step):
                 draw.line([(x, 0), (x + slant * h, h)], fill=mark, width=width)
-    elif texture == "dots":
-        step, rad = rnd.randrange(6, 13), rnd.choice([1, 1.5, 2])
+    elif texture == "dots":  # a staggered grid
+        step, rad = rnd.randrange(6, 13), rnd.choice([1.0, 1.5, 2.0])
         off = rnd.randrange(step)
         for y in range(off, h, step):
             for x in range(off + (y // step % 2) * step // 2, w, step):
                 draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=mark)
-    elif texture == "noise":
-        arr = np.asarray(img, dtype=np.int16)
-        noise = np.random.default_rng(rnd.getrandbits(64)).integers(-28, 29, size=(h, w, 1), dtype=np.int16)
-        img = Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
     return img
 
 
@@ -343,7 +347,7 @@ def draw_concept(rnd: random.Random, colour: str, shape: str, w: int, h: int, te
     """One picture of `colour shape` centred on a textured background."""
     rgb = COLOURS[colour]
     bg = _background(rnd, rgb)
-    img = _texture(Image.new("RGB", (w, h), bg), rnd, bg, texture)
+    img = _background_image(rnd, bg, texture, w, h)
     side = min(w, h)
     # Small jitter and rotation are nuisances; the centre stays inside the object (inner disc >= 0.3 r).
     r = rnd.uniform(0.30, 0.42) * side
@@ -445,8 +449,11 @@ class _Runner:
         if self.workers <= 1 or len(chunks) <= 1:
             return [fn(c, *args) for c in chunks]
         if self.pool is None:
-            # forkserver: safe when the caller already runs threads (Ray, torch, an HTTP server).
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("forkserver"))
+            # forkserver: safe when the caller already runs threads (Ray, torch, an HTTP server);
+            # preloading this module there means workers start without re-importing numpy and PIL.
+            ctx = get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
         futures = [self.pool.submit(fn, c, *args) for c in chunks]
         return [f.result() for f in futures]
 
@@ -460,10 +467,10 @@ class _Runner:
 
 def _sizes(rng: np.random.Generator, n: int, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Width and height per row: mostly 48-128 px near-square; tiny and extreme rows as named."""
-    side = np.where(rng.random(n) < 0.92, rng.integers(48, 129, n), rng.integers(129, 201, n))
-    aspect = np.exp(rng.uniform(math.log(0.75), math.log(4 / 3), n))
-    w = np.maximum(8, np.round(side * np.sqrt(aspect))).astype(int)
-    h = np.maximum(8, np.round(side / np.sqrt(aspect))).astype(int)
+    small = rng.random(n) < 0.92
+    lo, hi = np.where(small, 48, 129), np.where(small, 128, 200)
+    w = rng.integers(lo, hi + 1)
+    h = np.clip(np.round(w / np.exp(rng.uniform(math.log(0.75), math.log(4 / 3), n))), lo, hi).astype(int)
     tiny = kind == "tiny"
     w[tiny], h[tiny] = rng.integers(6, 17, tiny.sum()), rng.integers(6, 17, tiny.sum())
     ext = np.flatnonzero(kind == "extreme_aspect")
@@ -478,7 +485,7 @@ def _sizes(rng: np.random.Generator, n: int, kind: np.ndarray) -> tuple[np.ndarr
 
 def _counts(n: int, mix: DefectMix) -> dict[str, int]:
     fractions = mix.model_dump()
-    counts = {k: int(round(v * n)) for k, v in fractions.items()}
+    counts = {k: round(v * n) for k, v in fractions.items()}
     while sum(counts.values()) > n:  # rounding overshoot on tiny pools
         counts[max(counts, key=counts.get)] -= 1  # type: ignore[arg-type]
     return counts
@@ -548,10 +555,10 @@ def _build_pool(n: int, seed: int, base_url: str, mix: DefectMix, concepts: list
             caption = src["caption"]
             if defect == "duplicate_url":
                 while caption == src["caption"]:
-                    caption = english_caption(rnd, src["concept"], tex, int(w[i]), int(h[i]))
+                    caption = english_caption(rnd, names[concept[i]], tex, int(w[i]), int(h[i]))
             rows.append({**src, "caption": caption, "row": row, "defect": defect, "source_row": src["row"],
                          "caption_concept": src["caption_concept"] if defect == "duplicate_exact"
-                         else src["concept"]})
+                         else names[concept[i]]})
             continue
         first_row[i] = row
         f = FORMATS[fmt[i]]
@@ -681,7 +688,7 @@ def synthesize(out_dir: Path, n: int, seed: int = 0, base_url: str = "http://127
         out_dir=str(out_dir), n=n, seed=seed, base_url=base_url, mix=mix, concepts=names, zipf=zipf,
         zipf_order=[names[i] for i in order], defect_counts=dict(Counter(r["defect"] for r in rows)),
         concept_counts=dict(Counter(r["concept"] for r in served).most_common()),
-        format_counts=dict(Counter(r["format"] for r in served)), n_files=len(jobs), web_bytes=web_bytes,
+        format_counts=dict(Counter(j[7] for j in jobs)), n_files=len(jobs), web_bytes=web_bytes,
         seed_size=seed_size, test_size=len(test_labels), seconds=round(time.perf_counter() - start, 2),
     )
     (out_dir / "summary.json").write_text(summary.model_dump_json(indent=1))

@@ -52,7 +52,7 @@ class Stage(ABC):
     def resources(self) -> Resources:
         return Resources()
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 - optional hook: most stages have nothing heavy to load
         """Load heavy things once per worker."""
 
     @abstractmethod

@@ -61,7 +61,7 @@ def detect_format(path: Path) -> str:
 
 
 def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def _read_batches(path: Path, fmt: str) -> Iterator[pa.Table]:
