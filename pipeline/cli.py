@@ -159,11 +159,20 @@ def demo(
 
 
 @metadata_app.command("build")
-def metadata_build(out: Annotated[Path, typer.Option(help="output file")]) -> None:
+def metadata_build(
+    out: Annotated[Path, typer.Option(help="output file: .parquet, .json or .txt")],
+    wordnet_dir: Annotated[Optional[Path], typer.Option(help="WordNet dict dir (default /usr/share/wordnet)")] = None,
+    unigrams: Annotated[int, typer.Option(help="most frequent English words to add")] = 250_000,
+    bigrams: Annotated[int, typer.Option(help="most associated word pairs to add")] = 100_000,
+) -> None:
     """Build a MetaCLIP-style entry list offline from WordNet and word frequencies."""
     from stages.metadata import build_metadata
 
-    typer.echo(str(build_metadata(out)))
+    try:
+        summary = build_metadata(out, wordnet_dir=wordnet_dir, n_unigrams=unigrams, n_bigrams=bigrams)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    typer.echo(f"wrote {summary.path}: {summary.n_entries:,} entries ({summary.by_source})")
 
 
 def main() -> None:

@@ -75,11 +75,15 @@ class LocalExecutor:
                         on_result(JobResult(job, error=errors[-1], errors=errors))
                         break
 
+    def share(self, value: Any) -> Any:
+        return value
+
     def close(self) -> None:
         pass
 
 
-def _call_worker(cls: type, kwargs: dict[str, Any], method: str, shard: int, args: tuple) -> Any:
+# Job arguments travel unpacked: Ray resolves object references only at the top level of a call.
+def _call_worker(cls: type, kwargs: dict[str, Any], method: str, shard: int, *args: Any) -> Any:
     return getattr(cls(**kwargs), method)(shard, *args)
 
 
@@ -89,7 +93,7 @@ class _Actor:
     def __init__(self, cls: type, kwargs: dict[str, Any]):
         self.worker = cls(**kwargs)
 
-    def call(self, method: str, shard: int, args: tuple) -> Any:
+    def call(self, method: str, shard: int, *args: Any) -> Any:
         return getattr(self.worker, method)(shard, *args)
 
     def pid(self) -> int:
@@ -156,10 +160,10 @@ class RayExecutor:
             job.attempts += 1
             if actor_cls:
                 actor = idle_actors.pop()
-                ref = actor.call.remote(job.method, job.shard, job.args)
+                ref = actor.call.remote(job.method, job.shard, *job.args)
             else:
                 actor = None
-                ref = task.options(**options).remote(spec.cls, spec.kwargs, job.method, job.shard, job.args)
+                ref = task.options(**options).remote(spec.cls, spec.kwargs, job.method, job.shard, *job.args)
             inflight[ref] = (job, time.monotonic(), actor)
 
         def failed(job: Job, message: str) -> None:
@@ -201,6 +205,13 @@ class RayExecutor:
                 ray.kill(actor, no_restart=True)
             for ref, (_, _, actor) in inflight.items():
                 ray.cancel(ref, force=True) if actor is None else ray.kill(actor, no_restart=True)
+
+    def share(self, value: Any) -> Any:
+        """Put a large argument (a pool stage's fit) in the object store once; Ray resolves the
+        reference for each task, so workers receive the value itself."""
+        import ray
+
+        return ray.put(value)
 
     def _expire(self, inflight: dict, failed: Callable, replace: Callable) -> None:
         import ray

@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,9 +194,26 @@ def run_stage(cfg: RunConfig, run: RunDir, executor, n_shards: int, index: int, 
     fitted, fit_version = fit_pool_stage(stage, run, label, stage_hash, n_shards)
     todo = pending(lambda s: run.part(label, s), [fit_version])
     report.rows = 0
-    stage_run.execute(label, worker, [Job(s, "run_apply", (stage_hash, v, fitted)) for s, v in todo],
+    shared_fit = executor.share(fitted)  # one copy in Ray's object store, not one per job
+    stage_run.execute(label, worker, [Job(s, "run_apply", (stage_hash, v, shared_fit)) for s, v in todo],
                       report, lambda s: run.part(label, s), stage_hash)
     return report
+
+
+class StoredPartials(Sequence):
+    """The per-shard summaries, read from disk one at a time: a fit over a billion-row pool never
+    holds more than one shard's summary (a fit may iterate them as often as it needs)."""
+
+    def __init__(self, paths: list):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [pq.read_table(p) for p in self.paths[index]]
+        return pq.read_table(self.paths[index])
 
 
 def fit_pool_stage(stage: PoolStage, run: RunDir, label: str, stage_hash: str, n_shards: int):
@@ -215,8 +233,8 @@ def fit_pool_stage(stage: PoolStage, run: RunDir, label: str, stage_hash: str, n
             return fitted, saved["version"]
     except (OSError, ValueError, KeyError):
         pass
-    partials = [pq.read_table(run.partial(label, s)) for s in range(n_shards)
-                if run.version_of(run.partial(label, s)) is not None]
+    partials = StoredPartials([run.partial(label, s) for s in range(n_shards)
+                               if run.version_of(run.partial(label, s)) is not None])
     fitted = stage.fit(partials)
     tables = {k: v for k, v in fitted.items() if isinstance(v, pa.Table)}
     for name, table in tables.items():

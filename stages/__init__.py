@@ -14,6 +14,7 @@ STAGES: dict[str, str] = {
     "text_filter": "stages.text_filter:TextFilter",
     "download": "stages.download:Download",
     "image_filter": "stages.image_filter:ImageFilter",
+    "placeholder": "stages.image_filter:Placeholder",
     "clip_score": "stages.clip_score:ClipScore",
     "clip_filter": "stages.clip_score:ClipFilter",
     "balance": "stages.balance:Balance",

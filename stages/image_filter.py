@@ -10,13 +10,14 @@ extreme_aspect_ratio (longer / shorter side > ``max_aspect_ratio``), too_many_pi
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
-from stages.base import Stage, StageConfig, with_reason
+from stages.base import PoolStage, Stage, StageConfig, with_reason
 
 REASONS = ("missing_size", "image_too_small", "extreme_aspect_ratio", "too_many_pixels")
 
@@ -76,3 +77,40 @@ def _pair(shard: pa.Table, width: str, height: str) -> tuple[np.ndarray, np.ndar
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:
     return column.cast(pa.float64()).to_numpy().astype(np.float64)  # nulls become NaN
+
+
+class PlaceholderConfig(StageConfig):
+    min_urls: int = Field(
+        5, ge=2, description="the same image bytes under at least this many distinct URLs is a placeholder"
+    )
+
+
+class Placeholder(PoolStage):
+    """Drop "image not available" placeholders: the same bytes served with status 200 under many URLs.
+
+    Only the whole pool can tell (each URL alone looks like a fine small image), so this is a pool
+    stage over the ``sha256`` download recorded: count distinct URLs per digest, then drop every row
+    whose digest reached ``min_urls``. Rows without a digest are left alone."""
+
+    name: ClassVar[str] = "placeholder"
+    config_class: ClassVar[type[StageConfig]] = PlaceholderConfig
+    cfg: PlaceholderConfig
+
+    def partial(self, shard: pa.Table) -> pa.Table:
+        if "sha256" not in shard.column_names:
+            raise ValueError("placeholder needs the sha256 column the download stage writes (compute_sha256: true)")
+        pairs = shard.select(["sha256", "url"]).filter(pc.is_valid(shard.column("sha256")))
+        return pairs.group_by(["sha256", "url"]).aggregate([])
+
+    def fit(self, partials: list[pa.Table]) -> dict[str, Any]:
+        if not partials:
+            return {"placeholders": pa.table({"sha256": pa.array([], pa.string()), "urls": pa.array([], pa.int64())})}
+        pairs = pa.concat_tables(partials).group_by(["sha256", "url"]).aggregate([])
+        per_digest = pairs.group_by("sha256").aggregate([("url", "count")]).rename_columns(["sha256", "urls"])
+        frequent = per_digest.filter(pc.greater_equal(per_digest.column("urls"), self.cfg.min_urls))
+        return {"placeholders": frequent, "n_placeholders": frequent.num_rows}
+
+    def apply(self, shard: pa.Table, fitted: dict[str, Any], partial: pa.Table) -> pa.Table:
+        digests = fitted["placeholders"].column("sha256")
+        hit = pc.fill_null(pc.is_in(shard.column("sha256"), value_set=digests), False).to_pylist()
+        return with_reason(shard, ["placeholder" if h else None for h in hit])

@@ -125,3 +125,25 @@ def test_registry_and_contract():
     assert stage_class("image_filter") is ImageFilter
     assert ImageFilter.config_class is ImageFilterConfig
     assert not ImageFilter.needs_images  # sizes come from columns: no bytes are shipped, nothing decoded
+
+
+# ---- placeholders: the same bytes under many URLs, across shards ----------------------------------
+
+def test_placeholder_needs_the_whole_pool():
+    from stages.image_filter import Placeholder, PlaceholderConfig
+
+    stage = Placeholder(PlaceholderConfig(min_urls=3))
+    # "not available" image under 3 URLs spread over two shards; a popular image re-posted under one URL
+    # twice; an ordinary image once; a failed download (no digest).
+    shard_a = pa.table({"uid": ["a1", "a2", "a3", "a4"], "url": ["u1", "u2", "u9", "u9"],
+                        "sha256": ["NA", "NA", "POP", "POP"]})
+    shard_b = pa.table({"uid": ["b1", "b2", "b3"], "url": ["u3", "u4", "u5"], "sha256": ["NA", "OK", None]})
+    partials = [stage.partial(shard_a), stage.partial(shard_b)]
+    fitted = stage.fit(partials)
+    assert fitted["placeholders"].column("sha256").to_pylist() == ["NA"]
+    out_a = stage.apply(shard_a, fitted, partials[0]).column("reason").to_pylist()
+    out_b = stage.apply(shard_b, fitted, partials[1]).column("reason").to_pylist()
+    assert out_a == ["placeholder", "placeholder", None, None]  # same URL twice is not a placeholder
+    assert out_b == ["placeholder", None, None]
+    # per shard, no digest reaches 3 URLs: only the pool-wide fit can see it
+    assert all(r is None for r in stage(shard_a).column("reason").to_pylist())
