@@ -62,8 +62,27 @@ def run(
     summary = run_pipeline(cfg)
     print_summary(summary)
     print_funnel(cfg.run_dir)
+    write_report_quietly(Path(cfg.run_dir))
     if summary.failed:
         raise typer.Exit(1)
+
+
+def write_report_quietly(run_dir: Path) -> None:
+    """The report is a view of the run: failing to draw it must not fail the run."""
+    from pipeline.report import write_report
+
+    try:
+        typer.echo(f"report:  {write_report(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - logged, never fatal
+        logging.getLogger("pairsift").warning("report not written: %s", exc)
+
+
+@app.command()
+def report(run_dir: RunArg) -> None:
+    """Write the run's self-contained HTML report to <run>/report/index.html."""
+    from pipeline.report import write_report
+
+    typer.echo(f"report: {write_report(run_dir)}")
 
 
 @app.command()
@@ -152,7 +171,8 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
     executor: Annotated[str, typer.Option(help="ray or local")] = "ray",
 ) -> None:
-    """Synthesize a corpus, serve it on 127.0.0.1 and curate it with configs/demo.yaml on local Ray."""
+    """Prove what curation buys: synthesize a web, train a filter network, curate on local Ray, then
+    train the same CLIP on the raw pool and on the curated shards and compare them on a clean test set."""
     from pipeline.demo import run_demo
 
     run_demo(out, size=size, seed=seed, executor=executor)
@@ -161,7 +181,7 @@ def demo(
 @metadata_app.command("build")
 def metadata_build(
     out: Annotated[Path, typer.Option(help="output file: .parquet, .json or .txt")],
-    wordnet_dir: Annotated[Optional[Path], typer.Option(help="WordNet dict dir (default /usr/share/wordnet)")] = None,
+    wordnet_dir: Annotated[Path | None, typer.Option(help="WordNet dict dir (default /usr/share/wordnet)")] = None,
     unigrams: Annotated[int, typer.Option(help="most frequent English words to add")] = 250_000,
     bigrams: Annotated[int, typer.Option(help="most associated word pairs to add")] = 100_000,
 ) -> None:

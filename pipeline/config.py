@@ -210,7 +210,15 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> R
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c``; ``stages.<label>.key`` addresses the stage entry with that label (or name)."""
     keys = dotted.split(".")
+    if keys[0] == "stages" and len(keys) >= 3:
+        entries = data.get("stages") or []
+        matches = [e for e in entries if isinstance(e, dict) and e.get("label", e.get("stage")) == keys[1]]
+        if not matches:
+            labels = ", ".join(str(e.get("label", e.get("stage"))) for e in entries if isinstance(e, dict))
+            raise UserError(f"override {dotted}: no stage labelled {keys[1]!r} (stages: {labels})")
+        data, keys = matches[0], keys[2:]
     for key in keys[:-1]:
         data = data.setdefault(key, {})
     data[keys[-1]] = value

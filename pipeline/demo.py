@@ -1,54 +1,195 @@
-"""`pairsift demo`: synthesize a web corpus, serve it on 127.0.0.1 and curate it end to end.
+"""`pairsift demo`: does curating make a model better, and by how much? Offline, on a laptop.
 
-Sizes are data: how many pool rows each size draws. The demo prints where the shards, the catalog
-and the funnel are, and how the funnel compares with the corpus's ground truth (which only the demo
-reads: the pipeline never does).
+1. Synthesize a web corpus (long-tailed concepts, mismatched/boilerplate/duplicate captions, broken
+   files, dead links), a clean seed set and a clean balanced test set; serve the pool on 127.0.0.1.
+2. Train a small filtering network on the seed set (Data Filtering Networks: the filter is a CLIP
+   trained on trusted data) and load it into the clip_score stage by path.
+3. Curate the pool with configs/demo.yaml on local Ray: text filter -> download -> image filter ->
+   CLIP score + top-fraction filter -> MetaCLIP balancing -> shards.
+4. Train the same small CLIP for the same number of samples seen on everything that downloaded and on
+   the curated shards; evaluate both on the clean test set.
+5. Print one table (and write it for the report), plus the filter's precision and recall against the
+   synthetic ground truth. Only the demo reads the ground truth; the pipeline never does.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
 
+TINY_MODEL = Path(__file__).resolve().parent.parent / "configs" / "models" / "tiny-vit.json"
+
 
 class DemoSize(BaseModel):
     pool: int
     shard_size: int
+    n_concepts: int = 48
+    zipf: float = 1.1
+    seed_pairs: int
+    test_per_concept: int
+    filter_steps: int
+    train_steps: int
+    batch_size: int
 
 
 DEMO_SIZES = {
-    "small": DemoSize(pool=3_000, shard_size=1_000),
-    "default": DemoSize(pool=20_000, shard_size=2_500),
-    "large": DemoSize(pool=100_000, shard_size=10_000),
+    "small": DemoSize(pool=6_000, shard_size=2_000, seed_pairs=1_920, test_per_concept=20, filter_steps=250,
+                      train_steps=250, batch_size=128),
+    "default": DemoSize(pool=60_000, shard_size=10_000, seed_pairs=1_920, test_per_concept=50, filter_steps=300,
+                        train_steps=600, batch_size=256),
+    # more concepts and a steeper Zipf, so the tail is really rare
+    "large": DemoSize(pool=150_000, shard_size=10_000, n_concepts=96, zipf=1.3, seed_pairs=3_840,
+                      test_per_concept=50, filter_steps=400, train_steps=1_200, batch_size=256),
 }
 
 
-def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "ray") -> Path:
+def _train(data: Path, out: Path, steps: int, batch_size: int, seed: int, eval_data: Path | None = None) -> Path:
+    from trainer.config import build_config
+    from trainer.train import train
+
+    cfg = build_config({
+        "out": str(out), "model": str(TINY_MODEL), "data": {"train": str(data)}, "steps": steps,
+        "batch_size": batch_size, "lr": 0.002, "warmup": min(50, steps // 10), "weight_decay": 0.2,
+        "threads": os.cpu_count() or 2, "seed": seed, "progress": True, "checkpoint_every": 0,
+    })
+    return Path(train(cfg).final_dir)
+
+
+def _write_pool_sizes(run_dir: Path) -> Path:
+    """Everything that downloaded is already a webdataset (the download stage's tars): add sizes.json."""
+    from pipeline.run_dir import RunDir
+
+    run, sizes = RunDir(run_dir), {}
+    for tar in sorted(run.stage_dir("download").glob("[0-9]*.tar")):
+        done = run.read_done(run.part("download", int(tar.stem)))
+        sizes[tar.name] = done.kept if done else 0
+    (run.stage_dir("download") / "sizes.json").write_text(json.dumps(sizes))
+    return run.stage_dir("download")
+
+
+def _head_tail(result: dict[str, Any], order: list[str]) -> tuple[float, float]:
+    """Mean zero-shot accuracy over the most frequent quarter and the least frequent half of concepts."""
+    per_class = result.get("per_class", {})
+    quarter, half = max(1, len(order) // 4), max(1, len(order) // 2)
+    head = [per_class[c] for c in order[:quarter] if c in per_class]
+    tail = [per_class[c] for c in order[-half:] if c in per_class]
+    return sum(head) / max(1, len(head)), sum(tail) / max(1, len(tail))
+
+
+def truth_by_uid(run_dir: Path, corpus: Path) -> dict[str, str]:
+    """The ground-truth defect of every row, keyed by the uid ingest gave it (ingest keeps input order)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    parts = sorted(run.stage_dir("ingest").glob("part-*.parquet"))
+    uids = pa.concat_tables([pq.read_table(p, columns=["uid"]) for p in parts]).column("uid").to_pylist()
+    truth = pq.read_table(corpus / "ground_truth.parquet", columns=["row", "defect"]).sort_by("row")
+    return dict(zip(uids, truth.column("defect").to_pylist()))
+
+
+def filter_quality(run_dir: Path, corpus: Path) -> dict[str, float]:
+    """Precision and recall of the CLIP filter for clean pairs, among the rows that reached it."""
+    from pipeline.catalog import query
+
+    defect = truth_by_uid(run_dir, corpus)
+    _, rows = query(run_dir, "SELECT uid, reason IS NULL FROM clip_filter")
+    clean = [kept for uid, kept in rows if defect.get(uid) == "none"]
+    kept = sum(1 for _, k in rows if k)
+    true_positive = sum(clean)
+    return {"precision": true_positive / kept if kept else 0.0,
+            "recall": true_positive / len(clean) if clean else 0.0}
+
+
+def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "ray") -> dict[str, Any]:
     from pipeline.report_text import console, print_funnel, print_summary
     from pipeline.runner import run_pipeline
     from pipeline.serve import free_port, serve
     from pipeline.synth import synthesize
+    from trainer.eval import evaluate_checkpoint
 
     if size not in DEMO_SIZES:
         raise UserError(f"unknown demo size {size!r}; sizes: {', '.join(DEMO_SIZES)}")
     plan = DEMO_SIZES[size]
-    corpus, run_dir = out / "corpus", out / "run"
-    port = free_port()
+    corpus, run_dir, models = out / "corpus", out / "run", out / "models"
     started = time.perf_counter()
-    console.print(f"[1/2] synthesizing a {plan.pool:,}-pair web corpus in {corpus} ...")
-    synthesize(corpus, n=plan.pool, seed=seed, base_url=f"http://127.0.0.1:{port}")
+    if corpus.exists():  # a demo is a fresh experiment: a new seed or size must not reuse an old pool
+        shutil.rmtree(out)
+    port = free_port()
+    console.print(f"[1/5] synthesizing a {plan.pool:,}-pair web corpus, a clean seed set and a test set in {corpus}")
+    summary = synthesize(corpus, n=plan.pool, seed=seed, base_url=f"http://127.0.0.1:{port}",
+                         n_concepts=plan.n_concepts, zipf=plan.zipf, seed_size=plan.seed_pairs,
+                         test_per_concept=plan.test_per_concept)
+    (corpus / "metadata.txt").write_text("\n".join(summary.concepts) + "\n")
+
+    console.print(f"[2/5] training the filter network on {plan.seed_pairs:,} clean seed pairs")
+    filter_net = _train(corpus / "seed", models / "filter-network", plan.filter_steps, plan.batch_size, seed)
+
     with serve(corpus, port=port) as server:
-        console.print(f"[2/2] serving it at {server.url}; curating with configs/demo.yaml on local Ray ...")
-        cfg = load_config("demo", {"run_dir": str(run_dir), "input.path": str(corpus / "urls.parquet"),
-                                   "input.shard_size": plan.shard_size, "executor.kind": executor})
-        summary = run_pipeline(cfg)
-    print_summary(summary)
+        console.print(f"[3/5] curating the pool served at {server.url} with configs/demo.yaml on {executor}")
+        cfg = load_config("demo", {
+            "run_dir": str(run_dir), "input.path": str(corpus / "urls.parquet"),
+            "input.shard_size": plan.shard_size, "executor.kind": executor,
+            "stages.clip_score.model": str(filter_net), "stages.balance.metadata": str(corpus / "metadata.txt"),
+            "stages.balance.seed": seed,
+        })
+        run = run_pipeline(cfg)
+    print_summary(run)
     print_funnel(run_dir)
-    console.print(f"done in {time.perf_counter() - started:.0f}s. ground truth (never read by the pipeline): "
-                  f"{corpus / 'ground_truth.parquet'}")
-    return run_dir
+
+    pool_data = _write_pool_sizes(run_dir)
+    rows = []
+    for step, (name, data) in enumerate((("pool (everything downloaded)", pool_data),
+                                         ("curated", run_dir / "shards")), start=4):
+        console.print(f"[{step}/5] training the same CLIP for {plan.train_steps} steps x {plan.batch_size} "
+                      f"on {name}, then evaluating on the clean test set")
+        final = _train(data, models / name.split()[0], plan.train_steps, plan.batch_size, seed)
+        result = evaluate_checkpoint(final, corpus / "test")
+        head, tail = _head_tail(result, summary.zipf_order)
+        rows.append({"name": name.split()[0], "train_samples": sum(json.loads((data / "sizes.json").read_text()).values()),
+                     "top1": result["top1"], "head_top1": head, "tail_top1": tail, "i2t_r1": result.get("i2t_r1")})
+    quality = filter_quality(run_dir, corpus)
+    comparison = {"rows": rows, "filter": quality, "size": size, "seed": seed,
+                  "samples_seen": plan.train_steps * plan.batch_size, "seconds": time.perf_counter() - started}
+    (run_dir / "report").mkdir(parents=True, exist_ok=True)
+    (run_dir / "report" / "comparison.json").write_text(json.dumps(comparison, indent=2))
+    print_comparison(comparison)
+    _write_report(run_dir)
+    return comparison
+
+
+def print_comparison(comparison: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from pipeline.report_text import console
+
+    table = Table("trained on", "pairs", "zero-shot top-1", "head top-1", "tail top-1", "image→text R@1",
+                  title=f"same model, same {comparison['samples_seen']:,} samples seen, clean test set")
+    for row in comparison["rows"]:
+        table.add_row(row["name"], f"{row['train_samples']:,}", f"{100 * row['top1']:.1f}%",
+                      f"{100 * row['head_top1']:.1f}%", f"{100 * row['tail_top1']:.1f}%",
+                      f"{100 * (row['i2t_r1'] or 0):.1f}%")
+    console.print(table)
+    pool, curated = comparison["rows"][0], comparison["rows"][-1]
+    console.print(f"curation: {100 * (curated['top1'] - pool['top1']):+.1f} points of zero-shot top-1")
+    if comparison["filter"]:
+        console.print(f"filter network vs ground truth (clean pairs, among rows it scored): precision "
+                      f"{100 * comparison['filter']['precision']:.1f}%, recall {100 * comparison['filter']['recall']:.1f}%")
+    console.print(f"demo finished in {comparison['seconds']:.0f}s")
+
+
+def _write_report(run_dir: Path) -> None:
+    from pipeline.cli import write_report_quietly
+
+    write_report_quietly(run_dir)

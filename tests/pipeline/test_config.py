@@ -114,3 +114,13 @@ def test_cli_validate_prints_one_line_and_exits_2(tmp_path):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert "stages[0] (download).timeout_s" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_overrides_address_stages_by_label(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE | {"stages": [{"stage": "text_filter"}, {"stage": "image_filter",
+                                                                                 "label": "sizes"}]}))
+    cfg = load_config(str(path), {"stages.text_filter.min_chars": 9, "stages.sizes.min_side": 32, "run_dir": "/r"})
+    assert cfg.stages[0].config.min_chars == 9 and cfg.stages[1].config.min_side == 32 and cfg.run_dir == "/r"
+    with pytest.raises(UserError, match="no stage labelled 'nope' \\(stages: text_filter, sizes\\)"):
+        load_config(str(path), {"stages.nope.x": 1})

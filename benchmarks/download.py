@@ -1,0 +1,310 @@
+"""Benchmark: the download stage against plain img2dataset on the same URLs, same machine, one run.
+
+Synthesises N photo-like JPEGs (~400x320), serves them from a threaded HTTP server on 127.0.0.1 in
+its own process, writes a URL parquet, then times, end to end and each in its own process tree:
+  (a) the img2dataset CLI: 2 processes x 16 threads, resize to 256, webdataset output;
+  (b) our Download stage: 2 worker processes x 16 threads over shards of 1000 rows (``run_ours``),
+      writing each shard's table (images included) to parquet.
+Prints a table and ends with ``RESULT name=download ratio=<ours/img2dataset> ... device=cpu``.
+
+    .venv/bin/python benchmarks/download.py [--n 2000] [--processes 2] [--threads 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import json
+import multiprocessing
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault(
+    "NO_ALBUMENTATIONS_UPDATE", "1"
+)  # albumentations (via img2dataset) calls home otherwise
+
+SHARD_ROWS = 1000
+IMAGE_SIZE = 256
+TIMEOUT_S = 5
+
+
+# --- input ------------------------------------------------------------------------------------
+
+
+def draw_jpeg(index: int) -> bytes:
+    """A ~400x320 photo-like JPEG: noise under random shapes, so files are not trivially small."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(index)
+    width, height = 400 + rng.randrange(-16, 17), 320 + rng.randrange(-16, 17)
+    image = Image.effect_noise((width, height), 30 + rng.randrange(30)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(10):
+        x, y = rng.randrange(width), rng.randrange(height)
+        box = [x, y, x + rng.randrange(20, width // 2), y + rng.randrange(20, height // 2)]
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _write_one(args: tuple[int, str]) -> int:
+    index, directory = args
+    data = draw_jpeg(index)
+    Path(directory, f"{index:06d}.jpg").write_bytes(data)
+    return len(data)
+
+
+def synthesise(directory: Path, n: int, processes: int) -> float:
+    """Write n JPEGs; returns their mean size in KB."""
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        sizes = pool.map(_write_one, [(i, str(directory)) for i in range(n)], chunksize=64)
+    return sum(sizes) / len(sizes) / 1000
+
+
+def write_url_parquet(path: Path, base_url: str, n: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    urls = [f"{base_url}/{i:06d}.jpg" for i in range(n)]
+    pq.write_table(pa.table({"url": urls, "caption": [f"synthetic image {i}" for i in range(n)]}), path)
+
+
+# --- the file server (its own process, so neither side shares a GIL with it) ----------------
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+class _FileServer(ThreadingHTTPServer):
+    request_queue_size = 1024  # the default backlog of 5 drops SYNs under 32 clients: 1 s stalls
+    daemon_threads = True
+
+
+def serve(directory: str) -> None:
+    handler = functools.partial(_QuietHandler, directory=directory)
+    with _FileServer(("127.0.0.1", 0), handler) as server:
+        print(server.server_address[1], flush=True)
+        server.serve_forever()
+
+
+def start_server(directory: Path) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, __file__, "serve", str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    port = int(process.stdout.readline())
+    return process, f"http://127.0.0.1:{port}"
+
+
+# --- (a) img2dataset ----------------------------------------------------------------------------
+
+
+def run_img2dataset(url_parquet: Path, out_dir: Path, processes: int, threads: int) -> tuple[int, float]:
+    """Run the CLI; returns (successes, seconds from the first shard's start to the last one's end)."""
+    command = [
+        str(Path(sys.executable).parent / "img2dataset"),
+        "--url_list",
+        str(url_parquet),
+        "--input_format",
+        "parquet",
+        "--url_col",
+        "url",
+        "--caption_col",
+        "caption",
+        "--output_folder",
+        str(out_dir),
+        "--output_format",
+        "webdataset",
+        "--processes_count",
+        str(processes),
+        "--thread_count",
+        str(threads),
+        "--image_size",
+        str(IMAGE_SIZE),
+        "--timeout",
+        str(TIMEOUT_S),
+        "--retries",
+        "0",
+        "--number_sample_per_shard",
+        str(SHARD_ROWS),
+        "--disallowed_header_directives",
+        "[]",
+        "--distributor",
+        "multiprocessing",
+    ]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stats = [json.loads(Path(p).read_text()) for p in glob.glob(f"{out_dir}/*_stats.json")]
+    window = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
+    return sum(s["successes"] for s in stats), window
+
+
+# --- (b) ours -----------------------------------------------------------------------------------
+
+
+_WORKER_STAGE = None  # this worker process's Download stage, built once by _init_worker
+
+
+def _init_worker(threads: int, ready) -> None:
+    """Build and set up the stage (imports OpenCV/albumentations), then wait for every worker: a
+    worker still importing would otherwise steal CPU from one already downloading and blur the
+    timing window. (img2dataset's workers likewise import before their shards start.)"""
+    global _WORKER_STAGE
+    from stages.download import Download, DownloadConfig
+
+    _WORKER_STAGE = Download(
+        DownloadConfig(
+            image_size=IMAGE_SIZE, thread_count=threads, timeout_s=TIMEOUT_S, retries=0, allow_loopback=True
+        )
+    )
+    _WORKER_STAGE.setup()
+    ready.wait(timeout=600)
+
+
+def _download_shard(job: tuple[int, object, str]) -> tuple[int, float, float]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    index, shard, out_dir = job
+    started = time.time()
+    result = _WORKER_STAGE(shard)
+    pq.write_table(result, Path(out_dir, f"part-{index:05d}.parquet"))
+    successes = int(pc.sum(pc.equal(result.column("status"), "success")).as_py() or 0)
+    return successes, started, time.time()
+
+
+def _run_ours_timed(
+    url_parquet: str | Path, out_dir: str | Path, processes: int, threads: int
+) -> tuple[int, float]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(url_parquet)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (i, table.slice(start, SHARD_ROWS), str(out_dir))
+        for i, start in enumerate(range(0, table.num_rows, SHARD_ROWS))
+    ]
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(processes)
+    with context.Pool(processes, initializer=_init_worker, initargs=(threads, ready)) as pool:
+        shards = list(pool.imap_unordered(_download_shard, jobs))
+    window = max(end for _, _, end in shards) - min(start for _, start, _ in shards)
+    return sum(successes for successes, _, _ in shards), window
+
+
+def run_ours(url_parquet: str | Path, out_dir: str | Path, processes: int, threads: int) -> int:
+    """Download every URL of ``url_parquet`` with the Download stage: ``processes`` worker processes,
+    each taking shards of 1000 rows with ``threads`` fetch threads. Returns the number of successes.
+    (The pipeline's Ray executor will replace the process pool; the per-shard work is the same.)"""
+    return _run_ours_timed(url_parquet, out_dir, processes, threads)[0]
+
+
+def run_ours_in_subprocess(
+    url_parquet: Path, out_dir: Path, processes: int, threads: int
+) -> tuple[int, float]:
+    # A fresh interpreter, like the img2dataset CLI, so both wall clocks include the same start-up.
+    output = subprocess.run(
+        [sys.executable, __file__, "ours", str(url_parquet), str(out_dir), str(processes), str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    successes, window = json.loads(output.strip().splitlines()[-1])
+    return successes, window
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+
+def timed(fn, *args) -> tuple[int, float, float, float]:
+    """(successes, wall seconds, shard-window seconds, CPU seconds of the whole process tree).
+    CPU time is the steadiest of the three on a shared machine: it does not count waiting."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    successes, window = fn(*args)
+    wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return successes, wall, window, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1, help="alternate runs, report each tool's best")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="pairsift-bench-download-") as tmp:
+        root = Path(tmp)
+        images = root / "images"
+        images.mkdir()
+        mean_kb = synthesise(images, args.n, args.processes)
+        server, base_url = start_server(images)
+        try:
+            url_parquet = root / "urls.parquet"
+            write_url_parquet(url_parquet, base_url, args.n)
+            runs: dict[str, tuple[int, float, float, float]] = {}
+            for repeat in range(args.repeats):  # alternate, keep each tool's best: the machine is shared
+                for name, fn in [("img2dataset", run_img2dataset), ("pairsift", run_ours_in_subprocess)]:
+                    result = timed(fn, url_parquet, root / f"{name}-{repeat}", args.processes, args.threads)
+                    if name not in runs or result[2] < runs[name][2]:
+                        runs[name] = result
+        finally:
+            server.terminate()
+            server.wait()
+
+    print(
+        f"{args.n} JPEGs (mean {mean_kb:.0f} KB, ~400x320) from 127.0.0.1, resized to {IMAGE_SIZE}, "
+        f"{args.processes} processes x {args.threads} threads, {SHARD_ROWS} rows per shard, "
+        f"best of {args.repeats}"
+    )
+    print("  window: first shard start to last shard end (download, decode, resize, write)")
+    print("  end to end: the whole command, including interpreter start-up and imports")
+    print("  cpu: user+sys seconds of the command's whole process tree (start-up included)")
+    print(
+        f"{'downloader':<13}{'samples':>8}{'successes':>10}{'window s':>10}{'samples/s':>11}"
+        f"{'end-to-end s':>14}{'samples/s':>11}{'cpu s':>8}"
+    )
+    per_s = {}
+    for name, (successes, total_s, window_s, cpu_s) in runs.items():
+        per_s[name] = (args.n / window_s, args.n / total_s)
+        print(
+            f"{name:<13}{args.n:>8}{successes:>10}{window_s:>10.2f}{per_s[name][0]:>11.1f}"
+            f"{total_s:>14.2f}{per_s[name][1]:>11.1f}{cpu_s:>8.1f}"
+        )
+    ratio = per_s["pairsift"][0] / per_s["img2dataset"][0]
+    ratio_e2e = per_s["pairsift"][1] / per_s["img2dataset"][1]
+    print(f"ratio ours/img2dataset: {ratio:.2f} (shard window), {ratio_e2e:.2f} (end to end)")
+    print(
+        f"RESULT name=download ratio={ratio:.3f} ours_per_s={per_s['pairsift'][0]:.1f} "
+        f"img2dataset_per_s={per_s['img2dataset'][0]:.1f} ratio_end_to_end={ratio_e2e:.3f} "
+        f"ours_end_to_end_per_s={per_s['pairsift'][1]:.1f} "
+        f"img2dataset_end_to_end_per_s={per_s['img2dataset'][1]:.1f} "
+        f"ours_cpu_s={runs['pairsift'][3]:.1f} img2dataset_cpu_s={runs['img2dataset'][3]:.1f} "
+        f"ours_successes={runs['pairsift'][0]} img2dataset_successes={runs['img2dataset'][0]} device=cpu"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "ours":
+        print(json.dumps(_run_ours_timed(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))
+    else:
+        main()

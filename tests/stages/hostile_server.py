@@ -1,0 +1,414 @@
+"""A real HTTP server on 127.0.0.1 that misbehaves on purpose, for download tests and benchmarks.
+
+Each endpoint is one way the web goes wrong (slow drips, endless or lying bodies, redirect games,
+HTML served as JPEG, decompression bombs, opt-out headers); ``ENDPOINTS`` documents the reason a
+careful downloader should give for each. The images are drawn at start-up, so tests can compare
+against ``server.images``. Use it as a context manager; it stops its handler threads on exit.
+
+    with HostileServer() as server:
+        fetch(server.url("/drip"), ...)
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import ssl
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+from urllib.parse import parse_qs, urlsplit
+
+from PIL import Image, ImageDraw
+
+# path -> the reason a careful downloader reports (None = success), given max_redirects=5, a deadline
+# shorter than the drips (60 s), max_bytes between 2.5 MB (the 50,000² bomb must arrive) and 1 TB, and
+# max_pixels below 2.5e9.
+ENDPOINTS: dict[str, str | None] = {
+    "/ok.jpg": None,
+    "/ok.png": None,
+    "/ok.webp": None,
+    "/cmyk.jpg": None,
+    "/animated.gif": None,
+    "/exif-rotated.jpg": None,
+    "/redirect-chain/2": None,
+    "/404": "failed_to_download",
+    "/status/500": "failed_to_download",
+    "/drip": "timeout",
+    "/drip-headers": "timeout",
+    "/endless": "too_large",
+    "/endless?chunked=1": "too_large",
+    "/huge": "too_large",
+    "/lie-short": "decode_error",  # Content-Length half the body: the image is cut in two
+    "/lie-long": "failed_to_download",  # Content-Length twice the body, then the server hangs up
+    "/redirect-loop": "failed_to_download",
+    "/redirect-chain/9": "failed_to_download",  # more hops than max_redirects=5
+    "/html-as-jpeg": "not_an_image",
+    "/svg-as-jpeg": "not_an_image",
+    "/empty.jpg": "not_an_image",
+    "/truncated.jpg": "decode_error",
+    "/corrupt.jpg": "decode_error",
+    "/bomb.png": "image_too_large",
+    "/noai": "opt_out",
+    "/tdm": "opt_out",
+}
+
+BOMB_SIDE = 50_000
+EXIF_ORIENTATION = 0x0112
+
+
+def draw_photo(width: int, height: int, seed: int) -> Image.Image:
+    """A photo-like RGB image: noise under random shapes, so JPEGs are of realistic size."""
+    rng = random.Random(seed)
+    image = Image.effect_noise((width, height), 40).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        box = [x0, y0, x0 + rng.randrange(20, width // 2), y0 + rng.randrange(20, height // 2)]
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return image
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_bomb(side: int, rows_per_block: int = 0) -> bytes:
+    """A valid greyscale PNG of ``side``×``side`` zero pixels: ~1 KB per 1M pixels on the wire,
+    ``side``² bytes once decoded. Built from one compressed block repeated, so even the 50,000²
+    (2.5 GB) bomb takes milliseconds to make."""
+    row = b"\x00" * (side + 1)  # filter byte 0 + the pixels
+    rows_per_block = max(1, rows_per_block or (1 << 22) // len(row))
+    blocks, remainder = divmod(side, rows_per_block)
+    if blocks < 2:
+        stream = zlib.compress(row * side, 9)
+    else:
+        compressor = zlib.compressobj(9)
+        block = row * rows_per_block
+        head = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)  # with the zlib header
+        # After a full flush the compressor forgets its history, so the same input compresses to
+        # the same bytes again: that steady-state block can be repeated instead of recompressed.
+        repeated = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+        tail = compressor.compress(row * remainder) + compressor.flush(zlib.Z_FINISH)
+        adler = struct.pack(">I", (((side * (side + 1)) % 65521) << 16) | 1)  # adler32 of all zeros
+        stream = head + repeated * (blocks - 1) + tail[:-4] + adler
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _exif_rotated() -> bytes:
+    """Stored 300×150, left half red, right half blue, with EXIF orientation 6 (rotate 90° clockwise
+    to display): shown upright it is 150×300 with red on top."""
+    image = Image.new("RGB", (300, 150), (0, 0, 255))
+    ImageDraw.Draw(image).rectangle([0, 0, 149, 149], fill=(255, 0, 0))
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    return encode(image, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (120, 90), colour) for colour in ("red", "green", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def build_images() -> dict[str, bytes]:
+    photo = draw_photo(400, 320, seed=0)
+    ok_jpg = encode(photo, "JPEG", quality=90)
+    return {
+        "ok.jpg": ok_jpg,
+        "ok.png": encode(photo, "PNG"),
+        "ok.webp": encode(photo, "WEBP", quality=90),
+        "cmyk.jpg": encode(photo.convert("CMYK"), "JPEG", quality=90),
+        "animated.gif": _animated_gif(),
+        "exif-rotated.jpg": _exif_rotated(),
+        "truncated.jpg": ok_jpg[: len(ok_jpg) * 6 // 10],
+        # A valid JPEG header and tables, then garbage where the scan data should be.
+        "corrupt.jpg": ok_jpg[:700] + bytes(random.Random(1).randrange(256) for _ in range(4000)),
+        "html-as-jpeg": b"<!DOCTYPE html>\n<html><head><title>Not found</title></head>"
+        b"<body><h1>Sorry, this page moved</h1></body></html>\n",
+        "svg-as-jpeg": b'<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg"'
+        b' width="400" height="320"><rect width="400" height="320" fill="red"/></svg>\n',
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query)
+        self.server.owner.record(self.path, self.headers)
+        self.close_connection = True
+        path = parts.path
+        images = self.server.owner.images
+        try:
+            if path.lstrip("/") in images:
+                content_type = {"png": "image/png", "webp": "image/webp", "gif": "image/gif"}
+                kind = content_type.get(path.rsplit(".", 1)[-1], "image/jpeg")
+                self._send(200, images[path.lstrip("/")], kind)
+            elif path in _ROUTES:
+                _ROUTES[path](self, query)
+            elif path.startswith("/redirect-chain/"):
+                hops = int(path.rsplit("/", 1)[1])
+                if hops <= 0:
+                    self._send(200, images["ok.jpg"], "image/jpeg")
+                else:
+                    self._redirect(f"/redirect-chain/{hops - 1}")
+            elif path.startswith("/status/"):
+                self._send(int(path.rsplit("/", 1)[1]), b"error page\n", "text/plain")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client gave up on us: that is the point of most endpoints
+
+    # -- helpers --
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+        length: int | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.send_header("Connection", "close")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _redirect(self, location: str, status: int = 302) -> None:
+        self._send(status, b"", "text/plain", {"Location": location})
+
+    def _stopping(self) -> bool:
+        return self.server.owner.stopping.is_set()
+
+    # -- endpoints --
+    def ep_404(self, query) -> None:
+        self._send(404, b"<html>404</html>", "text/html")
+
+    def ep_drip(self, query) -> None:
+        body = self.server.owner.images["ok.jpg"]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        started = time.monotonic()
+        for byte in body:
+            if self._stopping() or time.monotonic() - started > self.server.owner.drip_total_s:
+                return
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(self.server.owner.drip_interval_s)
+
+    def ep_drip_headers(self, query) -> None:
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        started = time.monotonic()
+        while not self._stopping() and time.monotonic() - started < self.server.owner.drip_total_s:
+            self.wfile.write(b"a")
+            self.wfile.flush()
+            time.sleep(self.server.owner.drip_interval_s)
+
+    def ep_endless(self, query) -> None:
+        chunked = query.get("chunked") == ["1"]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        block = self.server.owner.images["ok.jpg"][:65536].ljust(65536, b"\x00")
+        sent = 0
+        while not self._stopping() and sent < (1 << 30):  # a ceiling so a broken client cannot hang a test
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+            sent += len(block)
+
+    def ep_huge(self, query) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(10**12))
+        self.end_headers()
+        block = b"\x00" * 65536
+        while not self._stopping():
+            self.wfile.write(block)
+            time.sleep(0.05)
+
+    def ep_lie_short(self, query) -> None:
+        body = self.server.owner.images["ok.jpg"]
+        self._send(200, body, "image/jpeg", length=len(body) // 2)
+
+    def ep_lie_long(self, query) -> None:
+        body = self.server.owner.images["ok.jpg"]
+        self._send(200, body, "image/jpeg", length=len(body) * 2)
+
+    def ep_redirect_loop(self, query) -> None:
+        self._redirect("/redirect-loop/b")
+
+    def ep_redirect_loop_b(self, query) -> None:
+        self._redirect("/redirect-loop")
+
+    def ep_redirect_to(self, query) -> None:
+        self._redirect(query["target"][0], int(query.get("code", ["302"])[0]))
+
+    def ep_html(self, query) -> None:
+        self._send(200, self.server.owner.images["html-as-jpeg"], "image/jpeg")
+
+    def ep_svg(self, query) -> None:
+        self._send(200, self.server.owner.images["svg-as-jpeg"], "image/jpeg")
+
+    def ep_empty(self, query) -> None:
+        self._send(200, b"", "image/jpeg")
+
+    def ep_bomb(self, query) -> None:
+        side = int(query.get("side", [str(BOMB_SIDE)])[0])
+        self._send(200, self.server.owner.bomb(side), "image/png")
+
+    def ep_noai(self, query) -> None:
+        self._send(200, self.server.owner.images["ok.jpg"], "image/jpeg", {"X-Robots-Tag": "noai"})
+
+    def ep_robots(self, query) -> None:
+        # /robots?tag=a&tag=b sends one X-Robots-Tag header per value.
+        body = self.server.owner.images["ok.jpg"]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        for value in query.get("tag", []):
+            self.send_header("X-Robots-Tag", value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def ep_tdm(self, query) -> None:
+        self._send(200, self.server.owner.images["ok.jpg"], "image/jpeg", {"tdm-reservation": "1"})
+
+    def ep_flaky(self, query) -> None:
+        # /flaky?key=K&fail=N: the first N requests for K get a 503, later ones the image.
+        key, fail = query.get("key", [""])[0], int(query.get("fail", ["1"])[0])
+        if self.server.owner.count(f"flaky:{key}") <= fail:
+            self._send(503, b"busy\n", "text/plain")
+        else:
+            self._send(200, self.server.owner.images["ok.jpg"], "image/jpeg")
+
+
+_ROUTES = {
+    "/404": _Handler.ep_404,
+    "/drip": _Handler.ep_drip,
+    "/drip-headers": _Handler.ep_drip_headers,
+    "/endless": _Handler.ep_endless,
+    "/huge": _Handler.ep_huge,
+    "/lie-short": _Handler.ep_lie_short,
+    "/lie-long": _Handler.ep_lie_long,
+    "/redirect-loop": _Handler.ep_redirect_loop,
+    "/redirect-loop/b": _Handler.ep_redirect_loop_b,
+    "/redirect-to": _Handler.ep_redirect_to,
+    "/html-as-jpeg": _Handler.ep_html,
+    "/svg-as-jpeg": _Handler.ep_svg,
+    "/empty.jpg": _Handler.ep_empty,
+    "/bomb.png": _Handler.ep_bomb,
+    "/noai": _Handler.ep_noai,
+    "/robots": _Handler.ep_robots,
+    "/tdm": _Handler.ep_tdm,
+    "/flaky": _Handler.ep_flaky,
+}
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 drops SYNs under a burst of connections and the client
+    # retries a second later, which would look like a slow server. Misbehaviour here is on purpose only.
+    request_queue_size = 256
+    daemon_threads = True
+    block_on_close = False
+    owner: HostileServer
+
+
+class HostileServer:
+    """The server and its state: images, request log, and the knobs of the slow endpoints."""
+
+    def __init__(
+        self,
+        drip_interval_s: float = 0.5,
+        drip_total_s: float = 60.0,
+        host: str = "127.0.0.1",
+        tls: tuple[str, str] | None = None,
+    ):
+        """``tls``: (certificate chain file, key file) to serve https instead of http."""
+        if not host.startswith("127."):
+            raise ValueError("the hostile server binds to loopback only")
+        self.host = host
+        self.tls = tls
+        self.drip_interval_s = drip_interval_s
+        self.drip_total_s = drip_total_s
+        self.images = build_images()
+        self.stopping = threading.Event()
+        self.requests: list[str] = []  # every request's path, in arrival order
+        self.request_headers: list[dict[str, str]] = []  # and its headers (lower-cased names)
+        self._counts: dict[str, int] = {}
+        self._bombs: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        self._server = _Server((self.host, 0), _Handler)
+        self._server.owner = self
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="hostile-server",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopping.set()  # long handlers (drip, endless, huge) watch this and return
+        assert self._server is not None and self._thread is not None
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "use HostileServer as a context manager"
+        return self._server.server_address[1]
+
+    def url(self, path: str) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}{path}"
+
+    def record(self, path: str, headers) -> None:
+        with self._lock:
+            self.requests.append(path)
+            self.request_headers.append({k.lower(): v for k, v in headers.items()})
+
+    def count(self, key: str) -> int:
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+            return self._counts[key]
+
+    def bomb(self, side: int) -> bytes:
+        with self._lock:
+            if side not in self._bombs:
+                self._bombs[side] = png_bomb(side)
+            return self._bombs[side]
