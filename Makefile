@@ -25,7 +25,7 @@ system-deps:
 
 # vLLM's CPU build lives in its own venv (it pins another torch); tests marked `vllm` use it.
 vllm-venv:
-	bash tests/vllm/make_venv.sh
+	bash tests/vllm_cpu/make_venv.sh
 
 demo: setup
 	$(BIN)/pairsift demo

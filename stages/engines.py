@@ -1,0 +1,533 @@
+"""Text generation engines for the recaption stages, behind one small interface.
+
+``Engine.generate(prompts, params) -> completions`` (one completion per prompt, same order) is all
+the stages use, so the same stage runs on:
+
+- ``transformers``: Hugging Face ``generate`` in left-padded batches, CPU or GPU; small models and
+  machines without vLLM (and the tests, with tiny models built in the test);
+- ``vllm``: the offline ``vllm.LLM`` engine (continuous batching, prefix caching, tensor parallel,
+  images for VLMs); the default on GPU, an optional extra (``pip install -e ".[gpu]"``);
+- ``openai``: an OpenAI-compatible HTTP endpoint such as ``vllm serve``, with bounded concurrency,
+  timeouts and retries.
+
+Sampling is seeded per prompt (``Prompt.seed``), so a caption's output does not depend on which
+other captions share its batch or shard: vLLM and the HTTP API take a per-request seed, and the
+transformers engine samples each row with its own generator (Gumbel-max over the warped logits).
+A prompt that fails (an undecodable image, an HTTP error after retries) comes back as a completion
+with ``finish_reason="error"``: per-row failures are values, never exceptions.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MISSING_VLLM = 'engine backend "vllm" needs the vllm package: pip install -e ".[gpu]"'
+MISSING_TRANSFORMERS = 'engine backend "transformers" needs transformers: pip install -e ".[recaption]"'
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    image: bytes | None = None  # encoded image (JPEG/PNG/WebP) for a VLM; sent as a chat message
+    seed: int | None = None  # per-prompt sampling seed; None = derived from the engine seed and position
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    # Always explicit: vLLM's default of 16 tokens silently cuts captions.
+    max_tokens: int
+    temperature: float = 0.9
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (hit max_tokens) or "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class EngineConfig(BaseModel):
+    """Which model runs where. One config type for all backends; each reads the keys it needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    model: str  # local directory or a name the machine can fetch; for "openai" the served model name
+    # Wrap text prompts in the model's chat template (instruct models). Image prompts always are.
+    chat: bool = False
+    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    device: str = "auto"  # transformers only: "auto", "cpu", "cuda", "cuda:1" ...
+    batch_size: int = Field(32, ge=1)  # transformers: rows per generate(); vllm: max_num_seqs
+    seed: int = 0
+    # vllm
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    vllm_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
+    # openai
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = None  # name of the environment variable holding the key, never the key
+    concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> EngineConfig:
+        endpoint = self.base_url or ""
+        if self.backend == "openai" and not endpoint.startswith(("http://", "https://")):
+            raise ValueError('engine backend "openai" needs base_url, e.g. http://127.0.0.1:8000/v1')
+        return self
+
+
+class Engine(ABC):
+    @abstractmethod
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        """One completion per prompt, in order."""
+
+    def close(self) -> None:  # noqa: B027 (optional: most engines hold nothing to release)
+        """Release the model / connections."""
+
+
+def make_engine(cfg: EngineConfig) -> Engine:
+    if cfg.backend == "vllm":
+        return VllmEngine(cfg)
+    if cfg.backend == "openai":
+        return OpenAIEngine(cfg)
+    return TransformersEngine(cfg)
+
+
+def prompt_seed(base: int, index: int, prompt: Prompt) -> int:
+    return prompt.seed if prompt.seed is not None else (base * 1_000_003 + index) % 2**63
+
+
+def image_data_url(image: bytes) -> str:
+    """A data: URL for encoded image bytes (the MIME type sniffed from the magic number)."""
+    mime = "image/png" if image[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
+        mime = "image/webp"
+    return f"data:{mime};base64,{base64.b64encode(image).decode()}"
+
+
+def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """The OpenAI-style user message for a prompt: text, plus the image first when there is one."""
+    if prompt.image is None:
+        return [{"role": "user", "content": prompt.text}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(prompt.image)}},
+                {"type": "text", "text": prompt.text},
+            ],
+        }
+    ]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Text up to the earliest stop string (excluded, as vLLM does) and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+# ---------------------------------------------------------------------------------------- transformers
+
+
+class TransformersEngine(Engine):
+    """Batched ``generate`` with left padding; VLMs (config with a vision tower) through their processor."""
+
+    def __init__(self, cfg: EngineConfig):
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise ValueError(MISSING_TRANSFORMERS) from None
+        self.cfg = cfg
+        self.torch = torch
+        self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _torch_dtype(torch, cfg.dtype, self.device)
+        model_cfg = transformers.AutoConfig.from_pretrained(cfg.model)
+        self.is_vlm = getattr(model_cfg, "vision_config", None) is not None
+        if self.is_vlm:
+            self.processor = transformers.AutoProcessor.from_pretrained(cfg.model)
+            self.tokenizer = self.processor.tokenizer
+            model_class = transformers.AutoModelForImageTextToText
+        else:
+            self.processor = None
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model)
+            model_class = transformers.AutoModelForCausalLM
+        self.tokenizer.padding_side = "left"  # decoder-only batches must end where generation starts
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = model_class.from_pretrained(cfg.model, dtype=dtype).to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self.end_ids = {i for i in [*eos_ids, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id]}
+        self.end_ids.discard(None)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(prompts)
+        # Similar lengths in one batch waste less padding; results go back to the caller's order.
+        order = sorted(
+            range(len(prompts)), key=lambda i: (prompts[i].image is not None, len(prompts[i].text))
+        )
+        size = self.cfg.batch_size
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            seeds = [prompt_seed(self.cfg.seed, i, prompts[i]) for i in chunk]
+            for i, completion in zip(chunk, self._generate_batch([prompts[i] for i in chunk], seeds, params)):
+                results[i] = completion
+        return [r for r in results if r is not None]
+
+    def _render(self, prompt: Prompt) -> str:
+        if prompt.image is None and not self.cfg.chat:
+            return prompt.text
+        if prompt.image is None:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt.text}], add_generation_prompt=True, tokenize=False
+            )
+        content = [{"type": "image"}, {"type": "text", "text": prompt.text}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    def _encode(self, prompts: list[Prompt]) -> tuple[Any, list[str | None]]:
+        """Model inputs for the batch, and a per-row error (undecodable image) or None."""
+        texts = [self._render(p) for p in prompts]
+        if not any(p.image is not None for p in prompts):
+            return self.tokenizer(texts, return_tensors="pt", padding=True), [None] * len(prompts)
+        from PIL import Image
+
+        images, errors = [], []
+        for p in prompts:
+            if p.image is None:  # a text-only row in a VLM batch: no <image> in its text either
+                errors.append(None)
+                continue
+            image, error = decode_image(p.image)
+            # An undecodable image keeps the batch's shape with a blank stand-in; its output is discarded.
+            images.append(image if image is not None else Image.new("RGB", (32, 32)))
+            errors.append(error)
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        return inputs, errors
+
+    def _generate_batch(
+        self, prompts: list[Prompt], seeds: list[int], params: SamplingParams
+    ) -> list[Completion]:
+        import transformers
+
+        torch = self.torch
+        inputs, errors = self._encode(prompts)
+        inputs = inputs.to(self.device)
+        config = transformers.GenerationConfig(
+            max_new_tokens=params.max_tokens,
+            do_sample=False,  # sampling happens in SeededSampling; greedy then takes its argmax
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.end_ids),
+            stop_strings=list(params.stop) or None,
+        )
+        sampler = SeededSampling(seeds, params.temperature, params.top_p, self.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                generation_config=config,
+                logits_processor=transformers.LogitsProcessorList([sampler]),
+                tokenizer=self.tokenizer,
+            )
+        prompt_len = inputs["input_ids"].shape[1]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        new_tokens = out[:, prompt_len:].tolist()
+        return [
+            self._completion(row, int(n), params, error)
+            for row, n, error in zip(new_tokens, prompt_tokens, errors)
+        ]
+
+    def _completion(
+        self, row: list[int], prompt_tokens: int, params: SamplingParams, error: str | None
+    ) -> Completion:
+        if error is not None:
+            return Completion("", "error", prompt_tokens, 0, error)
+        # A row that finished early is filled with pad (= often EOS): it ends at the first end id.
+        used = next((k for k, t in enumerate(row) if t in self.end_ids), len(row))
+        text = self.tokenizer.decode(row[:used], skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, params.stop)
+        finished = stopped or used < len(row)
+        return Completion(text, "stop" if finished else "length", prompt_tokens, used)
+
+
+class SeededSampling:
+    """Temperature + top-p sampling with one RNG per row, as a logits processor for greedy decoding.
+
+    Adding Gumbel noise to the warped logits and taking the argmax draws exactly from the warped
+    distribution (Gumbel-max), and with a generator per row a row's draws do not depend on the
+    other rows of its batch. Temperature 0 leaves the logits alone: plain greedy decoding.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: str):
+        import torch
+
+        self.torch = torch
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        torch = self.torch
+        if self.temperature <= 0:
+            return scores
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            logits = _top_p_mask(torch, logits, self.top_p)
+        uniform = torch.stack(
+            [torch.rand(logits.shape[1], generator=g, device=logits.device) for g in self.generators]
+        )
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
+        return logits + gumbel
+
+
+def _top_p_mask(torch: Any, logits: Any, top_p: float) -> Any:
+    """Keep the smallest set of tokens whose probability mass reaches top_p (always at least one)."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token
+    drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _torch_dtype(torch: Any, name: str, device: str) -> Any:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return getattr(torch, name)
+    except AttributeError:
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+
+
+# What PIL raises for truncated, corrupt, unsupported or oversized (decompression bomb) files.
+IMAGE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def decode_image(data: bytes | None) -> tuple[Any, str | None]:
+    from PIL import Image
+
+    if data is None:
+        return None, "no_image"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB"), None
+    except (
+        *IMAGE_ERRORS,
+        Image.DecompressionBombError,
+    ) as exc:  # a decoder failure is this row's problem, not the batch's
+        return None, f"decode_error: {type(exc).__name__}"
+
+
+# ------------------------------------------------------------------------------------------------ vLLM
+
+
+def import_vllm() -> Any:
+    """The vllm module, or a one-line error naming the extra to install."""
+    try:
+        import vllm
+    except ImportError:
+        raise ValueError(MISSING_VLLM) from None
+    if not hasattr(vllm, "LLM"):  # a stray directory named vllm on sys.path imports as an empty namespace
+        raise ValueError(MISSING_VLLM)
+    return vllm
+
+
+class VllmEngine(Engine):
+    """The offline ``vllm.LLM`` engine. Text prompts go to ``generate``; chat and image prompts to ``chat``."""
+
+    def __init__(self, cfg: EngineConfig):
+        # One engine lives inside one worker/actor: its processes talk over loopback. Unset, vLLM
+        # finds "its" address by connecting a UDP socket towards 8.8.8.8 and binds to the network.
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
+        vllm = import_vllm()
+        self.cfg = cfg
+        self.vllm = vllm
+        kwargs: dict[str, Any] = {
+            "model": cfg.model,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "enable_prefix_caching": cfg.enable_prefix_caching,
+            "max_num_seqs": cfg.batch_size,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "enforce_eager": cfg.enforce_eager,
+            "dtype": cfg.dtype,
+            "seed": cfg.seed,
+        }
+        if cfg.max_model_len is not None:
+            kwargs["max_model_len"] = cfg.max_model_len
+        if _vllm_on_cpu():
+            # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a seeded
+            # request's prefill is split across steps: keep every prefill whole there.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(cfg.max_model_len or 8192, 8192)
+        if cfg.tensor_parallel_size > 1:
+            # Worker processes on the GPUs Ray gave this actor, not a nested Ray placement.
+            kwargs["distributed_executor_backend"] = "mp"
+        kwargs.update(cfg.vllm_kwargs)
+        self.llm = vllm.LLM(**kwargs)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        sampling = [
+            self.vllm.SamplingParams(
+                n=1,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_tokens,
+                stop=list(params.stop) or None,
+                seed=prompt_seed(self.cfg.seed, i, p),
+            )
+            for i, p in enumerate(prompts)
+        ]
+        as_chat = [self.cfg.chat or p.image is not None for p in prompts]
+        results: list[Completion | None] = [None] * len(prompts)
+        plain = [i for i, c in enumerate(as_chat) if not c]
+        chats = [i for i, c in enumerate(as_chat) if c]
+        if plain:
+            outs = self.llm.generate(
+                [prompts[i].text for i in plain], [sampling[i] for i in plain], use_tqdm=False
+            )
+            for i, out in zip(plain, outs):
+                results[i] = _vllm_completion(out)
+        if chats:
+            convs = [chat_messages(prompts[i]) for i in chats]
+            outs = self.llm.chat(convs, [sampling[i] for i in chats], use_tqdm=False)
+            for i, out in zip(chats, outs):
+                results[i] = _vllm_completion(out)
+        return [r for r in results if r is not None]
+
+
+def _vllm_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _vllm_completion(out: Any) -> Completion:
+    best = out.outputs[0]
+    reason = best.finish_reason if best.finish_reason in ("stop", "length") else "error"
+    return Completion(
+        text=best.text,
+        finish_reason=reason,
+        prompt_tokens=len(out.prompt_token_ids or []),
+        completion_tokens=len(best.token_ids),
+        error=None if reason != "error" else f"vllm finish_reason={best.finish_reason}",
+    )
+
+
+# ------------------------------------------------------------------------------------------ OpenAI HTTP
+
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class OpenAIEngine(Engine):
+    """``/v1/completions`` (text) and ``/v1/chat/completions`` (chat, images) of a ``vllm serve`` endpoint.
+
+    Up to ``concurrency`` requests in flight; each waits at most ``timeout_s`` per connect/read/write;
+    connection errors, timeouts, 429 and 5xx are retried ``retries`` times with exponential backoff.
+    """
+
+    def __init__(self, cfg: EngineConfig, sleep: Callable[[float], None] = time.sleep):
+        import httpx
+
+        self.cfg = cfg
+        self.httpx = httpx
+        self.sleep = sleep
+        headers = {}
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise ValueError(f"engine api_key_env: environment variable {cfg.api_key_env} is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+        self.client = httpx.Client(
+            base_url=cfg.base_url.rstrip("/") + "/",  # type: ignore[union-attr]
+            headers=headers,
+            timeout=httpx.Timeout(cfg.timeout_s),
+            limits=limits,
+            follow_redirects=False,
+            trust_env=False,  # a proxy from the environment must not see the traffic
+        )
+        self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="openai-engine")
+        self._lock = threading.Lock()
+        self.requests_sent = 0
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        jobs = [self.pool.submit(self._one, i, p, params) for i, p in enumerate(prompts)]
+        return [job.result() for job in jobs]
+
+    def _body(self, index: int, prompt: Prompt, params: SamplingParams) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {
+            "model": self.cfg.model,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "n": 1,
+            "seed": prompt_seed(self.cfg.seed, index, prompt),
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if self.cfg.chat or prompt.image is not None:
+            return "chat/completions", {**body, "messages": chat_messages(prompt)}
+        return "completions", {**body, "prompt": prompt.text}
+
+    def _one(self, index: int, prompt: Prompt, params: SamplingParams) -> Completion:
+        path, body = self._body(index, prompt, params)
+        error = "no attempt"
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                self.sleep(min(0.25 * 2 ** (attempt - 1), 8.0))
+            with self._lock:
+                self.requests_sent += 1
+            try:
+                response = self.client.post(path, json=body)
+            except self.httpx.HTTPError as exc:  # timeouts, refused/reset connections: worth retrying
+                error = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            if response.status_code == 200:
+                try:
+                    return _openai_completion(response.json(), chat=path.startswith("chat"))
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    error = f"bad response: {type(exc).__name__}: {exc}"[:200]
+                    continue
+            error = f"HTTP {response.status_code}: {response.text[:120]}"
+            if response.status_code not in RETRY_STATUS:
+                break  # a 400/401/404 will not change on retry
+        return Completion("", "error", 0, 0, error)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.client.close()
+
+
+def _openai_completion(payload: dict[str, Any], chat: bool) -> Completion:
+    choice = payload["choices"][0]
+    text = choice["message"]["content"] if chat else choice["text"]
+    if not isinstance(text, str):
+        raise TypeError("completion text is not a string")
+    usage = payload.get("usage") or {}
+    reason = choice.get("finish_reason") or "stop"
+    return Completion(
+        text=text,
+        finish_reason=reason if reason in ("stop", "length") else "stop",
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", 0)),
+    )
