@@ -196,7 +196,8 @@ def metadata_build(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # libraries (open_clip) chat at INFO
+    logging.getLogger("pairsift").setLevel(logging.INFO)
     try:
         app()
     except UserError as exc:

@@ -16,12 +16,14 @@ Decoding lives in ``stages/clip_decode.py`` (batched nvJPEG + GPU resize on CUDA
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -205,10 +207,12 @@ def load_clip(
             raise ValueError(f"model directory {directory} holds no weights ({DIR_CHECKPOINTS[0]})")
         checkpoint = found[0]
     try:
-        # The directory's own weights are loaded below, through the same strict, one-line-error path.
-        net = open_clip.create_model(
-            name, pretrained=tag, load_weights=directory is None, precision=precision
-        )
+        # The directory's own weights are loaded below, through the same strict, one-line-error path;
+        # open_clip would log "initialized randomly" for the moment in between, which reads as false.
+        with _quiet_random_init_warning(checkpoint is not None):
+            net = open_clip.create_model(
+                name, pretrained=tag, load_weights=directory is None, precision=precision
+            )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise ValueError(
             f"cannot build open_clip model {model}: {' '.join(str(exc).split())[:200]}"
@@ -222,6 +226,20 @@ def load_clip(
     preprocess = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
     tokenizer = open_clip.get_tokenizer(name)
     return net, preprocess, tokenizer
+
+
+@contextmanager
+def _quiet_random_init_warning(active: bool) -> Iterator[None]:
+    def drop(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    if active:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 # ------------------------------------------------------------------------------------------ scoring
