@@ -49,6 +49,13 @@ class ExecutorConfig(Strict):
     max_retries: int = Field(2, ge=0, description="extra attempts for a failing shard")
     shard_timeout_s: float = Field(1800.0, gt=0, description="a shard past this is retried or failed")
     max_workers: int | None = Field(None, gt=0, description="cap on concurrent shards per stage")
+    # A resolver outage makes every URL look dead. Rather than quietly marking most of the pool as
+    # failed, stop with one line once a reason's share of a stage's rows passes its limit.
+    abort_on_reason: dict[str, float] = Field(
+        default_factory=lambda: {"dns_error": 0.5},
+        description="reason -> largest share of a stage's rows it may take before the run stops",
+    )
+    abort_min_rows: int = Field(1000, gt=0, description="rows a stage must have seen before abort_on_reason applies")
 
 
 class ShardsConfig(Strict):

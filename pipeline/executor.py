@@ -66,14 +66,16 @@ class LocalExecutor:
                 try:
                     if worker is None or not spec.stateful:
                         worker = spec.cls(**spec.kwargs)
-                    on_result(JobResult(job, value=getattr(worker, job.method)(job.shard, *job.args)))
-                    break
+                    value = getattr(worker, job.method)(job.shard, *job.args)
                 except Exception as exc:  # noqa: BLE001 - a failing shard is recorded, never fatal
                     errors.append(_one_line(exc))
                     worker = None
                     if job.attempts > self.cfg.max_retries:
                         on_result(JobResult(job, error=errors[-1], errors=errors))
                         break
+                    continue
+                on_result(JobResult(job, value=value, errors=errors))  # outside: the runner may stop the run
+                break
 
     def share(self, value: Any) -> Any:
         return value

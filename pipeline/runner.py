@@ -117,14 +117,36 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
 
 # --- stages ----------------------------------------------------------------------------------
 
+class RunAborted(UserError):
+    """The run stopped on purpose (e.g. the resolver is failing); finished shards are kept."""
+
+
 class StageRun:
     """Runs one stage (or the shard writer) over the shards that are not done yet."""
 
-    def __init__(self, run: RunDir, executor: LocalExecutor | RayExecutor, n_shards: int, upstream: list[str]):
+    def __init__(self, run: RunDir, executor: LocalExecutor | RayExecutor, n_shards: int, upstream: list[str],
+                 abort_on_reason: dict[str, float] | None = None, abort_min_rows: int = 1000):
         self.run = run
         self.executor = executor
         self.n_shards = n_shards
         self.upstream = upstream
+        self.abort_on_reason = abort_on_reason or {}
+        self.abort_min_rows = abort_min_rows
+        self.reason_counts: dict[str, int] = {}
+
+    def check_abort(self, desc: str, done: ShardDone, rows: int) -> None:
+        for reason, count in done.dropped.items():
+            self.reason_counts[reason] = self.reason_counts.get(reason, 0) + count
+        if rows < self.abort_min_rows:
+            return
+        for reason, limit in self.abort_on_reason.items():
+            share = self.reason_counts.get(reason, 0) / rows
+            if share > limit:
+                raise RunAborted(
+                    f"stopping {desc}: {share:.0%} of the first {rows:,} rows failed with {reason} "
+                    f"(limit {limit:.0%}); that is the environment failing (e.g. the DNS resolver), not the "
+                    "data. Fix it and rerun the same command: finished shards are kept"
+                )
 
     def upstream_versions(self, shard: int) -> list[str] | None:
         found = [self.run.version_of(self.run.part(label, shard)) for label in self.upstream]
@@ -142,6 +164,7 @@ class StageRun:
                     done: ShardDone = result.value
                     report.shards_done += 1
                     report.rows += done.rows_in
+                    self.check_abort(desc, done, report.rows)
                 else:
                     report.shards_failed[result.job.shard] = result.error or "failed"
                     self.run.mark_failed(path, ShardFailed(config_hash=config_hash, error=result.error or "",
@@ -165,7 +188,8 @@ def run_stage(cfg: RunConfig, run: RunDir, executor, n_shards: int, index: int, 
                      "label": label, "upstream": upstream}
     worker = WorkerSpec(ShardRunner, runner_kwargs, stage.resources, cls.stateful)
     report = StageReport(label)
-    stage_run = StageRun(run, executor, n_shards, upstream)
+    stage_run = StageRun(run, executor, n_shards, upstream, cfg.executor.abort_on_reason,
+                         cfg.executor.abort_min_rows)
 
     def pending(path_of, extra: list[str] | None = None) -> list[tuple[int, list[str]]]:
         todo = []

@@ -18,6 +18,7 @@ class CaptionLengthConfig(StageConfig):
     sleep_s: float = 0.0  # slow the stage down so a test can kill the run mid-way
     fail_on_shard_with: str | None = None  # raise when a caption equals this (a "bad shard")
     fail_flag_file: str | None = None  # ...only while this file exists
+    every_row_reason: str | None = None  # drop every row with this reason (an outage, say)
 
 
 class CaptionLength(Stage):
@@ -35,6 +36,8 @@ class CaptionLength(Stage):
             raise RuntimeError(f"poisoned shard (pid {os.getpid()})")
         lengths = pc.utf8_length(shard.column("caption"))
         out = shard.append_column("caption_len", lengths)
+        if self.cfg.every_row_reason:
+            return with_reason(out, [self.cfg.every_row_reason] * shard.num_rows)
         return with_reason(out, [None if (n or 0) >= self.cfg.min_chars else "too_short" for n in lengths.to_pylist()])
 
 

@@ -196,3 +196,18 @@ def test_verify_catches_a_damaged_run(tmp_path):
     problems = verify_run(tmp_path / "run").problems
     assert any("sizes.json says" in p for p in problems)
     assert any("caption_length shard 3" in p for p in problems)
+
+
+def test_a_dominant_environment_failure_stops_the_run_with_one_line(tmp_path):
+    from pipeline.errors import UserError
+
+    make_pool(tmp_path / "pool.parquet")
+    cfg = config(tmp_path, every_row_reason="dns_error")
+    cfg["executor"]["abort_min_rows"] = 100
+    with pytest.raises(UserError, match=r"stopping caption_length: 100% of the first 128 rows failed with dns_error"):
+        run_pipeline(parse_config(cfg))
+    # what finished is kept: the rerun after the fix resumes instead of starting over
+    assert len(versions(RunDir(tmp_path / "run"), "caption_length")) == 2
+    cfg["executor"]["abort_on_reason"] = {}
+    summary = run_pipeline(parse_config(cfg))
+    assert summary.stages[0].shards_done == 6
