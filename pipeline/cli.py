@@ -178,6 +178,38 @@ def demo(
     run_demo(out, size=size, seed=seed, executor=executor)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="a trainer config, e.g. configs/train/tiny.yaml")],
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in `out`")] = False,
+) -> None:
+    """Train an open_clip model on webdataset shards (KEY=VALUE arguments override config keys)."""
+    from trainer.cli import train_command
+    from trainer.config import ConfigError
+
+    try:
+        train_command(config, resume=resume, overrides=list(ctx.args))
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="a model directory written by `pairsift train` (…/final)")],
+    data: Annotated[Path, typer.Argument(help="held-out webdataset dir (classnames.json, templates.json) or image folder")],
+    out: Annotated[Path | None, typer.Option(help="write the results as JSON here")] = None,
+) -> None:
+    """Zero-shot top-1/top-5 and image<->text retrieval recall of a trained model."""
+    from trainer.cli import eval_command
+    from trainer.config import ConfigError
+
+    try:
+        eval_command(checkpoint, data, out)
+    except (ConfigError, FileNotFoundError) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+
+
 @metadata_app.command("build")
 def metadata_build(
     out: Annotated[Path, typer.Option(help="output file: .parquet, .json or .txt")],

@@ -173,7 +173,7 @@ class StageRun:
                                 result.job.attempts, result.error)
                 bar.update(1)
                 elapsed = time.perf_counter() - started
-                bar.set_postfix(rows_per_s=f"{report.rows / elapsed:,.0f}" if elapsed else "-")
+                bar.set_postfix(rows=f"{report.rows:,}", rows_per_s=f"{report.rows / elapsed:,.0f}" if elapsed else "-")
             self.executor.map(spec, jobs, on_result)
         report.seconds += time.perf_counter() - started
 
