@@ -156,60 +156,34 @@ def run_img2dataset(url_parquet: Path, out_dir: Path, processes: int, threads: i
 # --- (b) ours -----------------------------------------------------------------------------------
 
 
-_WORKER_STAGE = None  # this worker process's Download stage, built once by _init_worker
-
-
-def _init_worker(threads: int, ready) -> None:
-    """Build and set up the stage (imports OpenCV/albumentations), then wait for every worker: a
-    worker still importing would otherwise steal CPU from one already downloading and blur the
-    timing window. (img2dataset's workers likewise import before their shards start.)"""
-    global _WORKER_STAGE
-    from stages.download import Download, DownloadConfig
-
-    _WORKER_STAGE = Download(
-        DownloadConfig(
-            image_size=IMAGE_SIZE, thread_count=threads, timeout_s=TIMEOUT_S, retries=0, allow_loopback=True
-        )
-    )
-    _WORKER_STAGE.setup()
-    ready.wait(timeout=600)
-
-
-def _download_shard(job: tuple[int, object, str]) -> tuple[int, float, float]:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    index, shard, out_dir = job
-    started = time.time()
-    result = _WORKER_STAGE(shard)
-    pq.write_table(result, Path(out_dir, f"part-{index:05d}.parquet"))
-    successes = int(pc.sum(pc.equal(result.column("status"), "success")).as_py() or 0)
-    return successes, started, time.time()
-
-
 def _run_ours_timed(
     url_parquet: str | Path, out_dir: str | Path, processes: int, threads: int
 ) -> tuple[int, float]:
-    import pyarrow.parquet as pq
+    """The pipeline itself: `pairsift run` with just the download stage, on a local Ray pinned to
+    loopback with ``processes`` CPUs, shards of SHARD_ROWS rows. Returns (successes, shard window)."""
+    from pipeline.config import parse_config
+    from pipeline.run_dir import RunDir
+    from pipeline.runner import run_pipeline
 
-    table = pq.read_table(url_parquet)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (i, table.slice(start, SHARD_ROWS), str(out_dir))
-        for i, start in enumerate(range(0, table.num_rows, SHARD_ROWS))
-    ]
-    context = multiprocessing.get_context("spawn")
-    ready = context.Barrier(processes)
-    with context.Pool(processes, initializer=_init_worker, initargs=(threads, ready)) as pool:
-        shards = list(pool.imap_unordered(_download_shard, jobs))
-    window = max(end for _, _, end in shards) - min(start for _, start, _ in shards)
-    return sum(successes for successes, _, _ in shards), window
+    cfg = parse_config({
+        "run_dir": str(out_dir),
+        "input": {"path": str(url_parquet), "shard_size": SHARD_ROWS},
+        "ray": {"node_ip": "127.0.0.2", "num_cpus": processes},
+        "executor": {"kind": "ray", "max_workers": processes},
+        "stages": [{"stage": "download", "image_size": IMAGE_SIZE, "thread_count": threads,
+                    "timeout_s": TIMEOUT_S, "retries": 0, "allow_loopback": True}],
+        "shards": {"samples_per_shard": 10 * SHARD_ROWS},
+    })
+    summary = run_pipeline(cfg)
+    run = RunDir(out_dir)
+    marks = [run.read_done(run.part("download", s)) for s in range(summary.n_input_shards)]
+    window = max(m.finished_at for m in marks) - min(m.finished_at - m.seconds for m in marks)
+    return sum(m.kept for m in marks), window
 
 
 def run_ours(url_parquet: str | Path, out_dir: str | Path, processes: int, threads: int) -> int:
-    """Download every URL of ``url_parquet`` with the Download stage: ``processes`` worker processes,
-    each taking shards of 1000 rows with ``threads`` fetch threads. Returns the number of successes.
-    (The pipeline's Ray executor will replace the process pool; the per-shard work is the same.)"""
+    """Download every URL of ``url_parquet`` through the pipeline on Ray: ``processes`` workers, each
+    taking shards of 1000 rows with ``threads`` fetch threads. Returns the number of successes."""
     return _run_ours_timed(url_parquet, out_dir, processes, threads)[0]
 
 
@@ -291,13 +265,19 @@ def main() -> None:
     ratio = per_s["pairsift"][0] / per_s["img2dataset"][0]
     ratio_e2e = per_s["pairsift"][1] / per_s["img2dataset"][1]
     print(f"ratio ours/img2dataset: {ratio:.2f} (shard window), {ratio_e2e:.2f} (end to end)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from text_filter import measure_text_filter  # the sibling benchmark, by path
+
+    text_per_s = measure_text_filter(100_000)
+    print(f"text filter: {text_per_s:,.0f} captions/s per core")
     print(
         f"RESULT name=download ratio={ratio:.3f} ours_per_s={per_s['pairsift'][0]:.1f} "
         f"img2dataset_per_s={per_s['img2dataset'][0]:.1f} ratio_end_to_end={ratio_e2e:.3f} "
         f"ours_end_to_end_per_s={per_s['pairsift'][1]:.1f} "
         f"img2dataset_end_to_end_per_s={per_s['img2dataset'][1]:.1f} "
         f"ours_cpu_s={runs['pairsift'][3]:.1f} img2dataset_cpu_s={runs['img2dataset'][3]:.1f} "
-        f"ours_successes={runs['pairsift'][0]} img2dataset_successes={runs['img2dataset'][0]} device=cpu"
+        f"ours_successes={runs['pairsift'][0]} img2dataset_successes={runs['img2dataset'][0]} "
+        f"text_filter_captions_per_s={text_per_s:.0f} device=cpu"
     )
 
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -39,11 +38,15 @@ class DemoSize(BaseModel):
     filter_steps: int
     train_steps: int
     batch_size: int
+    # torch threads per training. One thread is the robust choice on a busy machine (OpenMP threads
+    # wait for each other when one is descheduled: 2 threads ran 6x slower than 1 under load here);
+    # two are faster on an idle 2-core laptop. Results are exact for a fixed count.
+    threads: int = 2
 
 
 DEMO_SIZES = {
     "small": DemoSize(pool=6_000, shard_size=2_000, seed_pairs=1_920, test_per_concept=20, filter_steps=250,
-                      train_steps=250, batch_size=128),
+                      train_steps=250, batch_size=128, threads=1),
     "default": DemoSize(pool=60_000, shard_size=10_000, seed_pairs=1_920, test_per_concept=50, filter_steps=300,
                         train_steps=600, batch_size=256),
     # more concepts and a steeper Zipf, so the tail is really rare
@@ -52,14 +55,14 @@ DEMO_SIZES = {
 }
 
 
-def _train(data: Path, out: Path, steps: int, batch_size: int, seed: int, eval_data: Path | None = None) -> Path:
+def _train(data: Path, out: Path, steps: int, batch_size: int, seed: int, threads: int) -> Path:
     from trainer.config import build_config
     from trainer.train import train
 
     cfg = build_config({
         "out": str(out), "model": str(TINY_MODEL), "data": {"train": str(data)}, "steps": steps,
         "batch_size": batch_size, "lr": 0.002, "warmup": min(50, steps // 10), "weight_decay": 0.2,
-        "threads": os.cpu_count() or 2, "seed": seed, "progress": True, "checkpoint_every": 0,
+        "threads": threads, "seed": seed, "progress": True, "checkpoint_every": 0,
     })
     return Path(train(cfg).final_dir)
 
@@ -112,7 +115,8 @@ def filter_quality(run_dir: Path, corpus: Path) -> dict[str, float]:
             "recall": true_positive / len(clean) if clean else 0.0}
 
 
-def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "ray") -> dict[str, Any]:
+def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "ray",
+             threads: int | None = None) -> dict[str, Any]:
     from pipeline.report_text import console, print_funnel, print_summary
     from pipeline.runner import run_pipeline
     from pipeline.serve import free_port, serve
@@ -122,6 +126,8 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "r
     if size not in DEMO_SIZES:
         raise UserError(f"unknown demo size {size!r}; sizes: {', '.join(DEMO_SIZES)}")
     plan = DEMO_SIZES[size]
+    if threads is not None:
+        plan = plan.model_copy(update={"threads": threads})
     corpus, run_dir, models = out / "corpus", out / "run", out / "models"
     started = time.perf_counter()
     if corpus.exists():  # a demo is a fresh experiment: a new seed or size must not reuse an old pool
@@ -134,7 +140,8 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "r
     (corpus / "metadata.txt").write_text("\n".join(summary.concepts) + "\n")
 
     console.print(f"[2/5] training the filter network on {plan.seed_pairs:,} clean seed pairs")
-    filter_net = _train(corpus / "seed", models / "filter-network", plan.filter_steps, plan.batch_size, seed)
+    filter_net = _train(corpus / "seed", models / "filter-network", plan.filter_steps, plan.batch_size, seed,
+                        plan.threads)
 
     with serve(corpus, port=port) as server:
         console.print(f"[3/5] curating the pool served at {server.url} with configs/demo.yaml on {executor}")
@@ -154,7 +161,7 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "r
                                          ("curated", run_dir / "shards")), start=4):
         console.print(f"[{step}/5] training the same CLIP for {plan.train_steps} steps x {plan.batch_size} "
                       f"on {name}, then evaluating on the clean test set")
-        final = _train(data, models / name.split()[0], plan.train_steps, plan.batch_size, seed)
+        final = _train(data, models / name.split()[0], plan.train_steps, plan.batch_size, seed, plan.threads)
         result = evaluate_checkpoint(final, corpus / "test")
         head, tail = _head_tail(result, summary.zipf_order)
         rows.append({"name": name.split()[0], "train_samples": sum(json.loads((data / "sizes.json").read_text()).values()),
