@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.demo import run_demo
 from pipeline.verify import verify_run
 
 
+@pytest.mark.timeout(1200)  # minutes on an idle 2-core machine; more when it is shared
 def test_small_demo_curated_beats_pool(tmp_path, ray_local):
     comparison = run_demo(tmp_path / "demo", size="small", seed=0, executor="ray")
     pool, curated = (next(r for r in comparison["rows"] if r["name"] == n) for n in ("pool", "curated"))
