@@ -38,15 +38,15 @@ class DemoSize(BaseModel):
     filter_steps: int
     train_steps: int
     batch_size: int
-    # torch threads per training. One thread is the robust choice on a busy machine (OpenMP threads
-    # wait for each other when one is descheduled: 2 threads ran 6x slower than 1 under load here);
-    # two are faster on an idle 2-core laptop. Results are exact for a fixed count.
-    threads: int = 2
+    # torch threads per training. One is the robust default: OpenMP threads wait for each other when
+    # one is descheduled, and on a shared 2-core machine 2 threads trained 6x slower than 1. Two are
+    # faster on an idle machine (`--threads 2`). Results are exact for a fixed count.
+    threads: int = 1
 
 
 DEMO_SIZES = {
     "small": DemoSize(pool=6_000, shard_size=2_000, seed_pairs=1_920, test_per_concept=20, filter_steps=250,
-                      train_steps=250, batch_size=128, threads=1),
+                      train_steps=250, batch_size=128),
     "default": DemoSize(pool=60_000, shard_size=10_000, seed_pairs=1_920, test_per_concept=50, filter_steps=300,
                         train_steps=600, batch_size=256),
     # more concepts and a steeper Zipf, so the tail is really rare
