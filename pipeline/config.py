@@ -60,6 +60,12 @@ class ExecutorConfig(Strict):
 
 class ShardsConfig(Strict):
     samples_per_shard: int = Field(10_000, gt=0)
+    # Every caption written for the trainer (alt-text, rewrites, enriched caption) must fit the text
+    # encoder's context: CLIP's is 77 tokens including its start and end tokens.
+    max_caption_tokens: int | None = Field(77, gt=2, description="None = write captions as they are")
+    long_captions: Literal["truncate", "drop"] = Field(
+        "truncate", description="truncate at a word boundary, or drop the caption (a sample whose alt-text "
+                                "is dropped leaves the shards with reason caption_too_long_for_context)")
     json_columns: list[str] | None = Field(
         None, description="catalog columns copied into each sample's json; None = all scalar ones"
     )

@@ -295,7 +295,9 @@ def write_output_shards(cfg: RunConfig, run: RunDir, executor, n_shards: int, sh
             continue
         jobs.append(Job(index, "write", (slices, shards_hash, upstream_versions)))
     worker = WorkerSpec(ShardWriter, {"run_root": str(run.root), "upstream": upstream,
-                                      "json_columns": cfg.shards.json_columns})
+                                      "json_columns": cfg.shards.json_columns,
+                                      "max_caption_tokens": cfg.shards.max_caption_tokens,
+                                      "long_captions": cfg.shards.long_captions})
     StageRun(run, executor, n_shards, upstream).execute(
         "shards", worker, jobs, report, lambda i: run.shards_dir / f"{i:05d}.tar", shards_hash)
     sizes = write_sizes(run, len(plan))

@@ -26,6 +26,54 @@ Slice = tuple[int, int, int]  # (input shard, first kept row, end kept row)
 _NOT_IN_JSON = {IMAGE, "image_embedding", "text_embedding", "dup_url", "dup_url_caption", "matched_entries"}
 
 
+class CaptionFitter:
+    """Makes captions fit a CLIP text encoder's context, counting tokens with open_clip's BPE."""
+
+    def __init__(self, max_tokens: int | None, policy: str = "truncate"):
+        self.budget = None if max_tokens is None else max_tokens - 2  # start and end tokens
+        self.policy = policy
+        self._encode = None
+
+    def tokens(self, text: str) -> int:
+        if self._encode is None:
+            from open_clip.tokenizer import SimpleTokenizer  # bundled vocabulary: no download
+
+            self._encode = SimpleTokenizer().encode
+        return len(self._encode(text))
+
+    def fits(self, text: str) -> bool:
+        # Byte-level BPE never makes more tokens than the text has bytes: short captions need no tokenizer.
+        return self.budget is None or len(text.encode("utf-8", "replace")) <= self.budget or \
+            self.tokens(text) <= self.budget
+
+    def __call__(self, text: str | None) -> str | None:
+        """The caption, shortened at a word boundary to fit (or None when the policy is drop)."""
+        if text is None or self.fits(text):
+            return text
+        if self.policy == "drop":
+            return None
+        words = text.split()
+        low, high = 0, len(words)  # the most leading words that fit
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.fits(" ".join(words[:middle])):
+                low = middle
+            else:
+                high = middle - 1
+        return " ".join(words[:low]) or None
+
+    def fit_row(self, row: dict[str, Any]) -> bool:
+        """Fit every caption of a sample in place; False when its alt-text itself has to go."""
+        if self.budget is None:
+            return True
+        row["caption"] = self(row.get("caption"))
+        if isinstance(row.get("rewrites"), list):
+            row["rewrites"] = [r for r in (self(x) for x in row["rewrites"]) if r]
+        if isinstance(row.get("enriched_caption"), str):
+            row["enriched_caption"] = self(row["enriched_caption"])
+        return bool(row["caption"])
+
+
 def plan_output_shards(kept_per_input: dict[int, int], samples_per_shard: int) -> list[list[Slice]]:
     """Cut the kept rows, in input-shard order, into consecutive output shards."""
     total = sum(kept_per_input.values())
@@ -59,10 +107,12 @@ def sample_json(row: dict[str, Any], columns: list[str] | None) -> bytes:
 class ShardWriter:
     """Worker that writes one output shard from the run's stage outputs."""
 
-    def __init__(self, run_root: str, upstream: list[str], json_columns: list[str] | None):
+    def __init__(self, run_root: str, upstream: list[str], json_columns: list[str] | None,
+                 max_caption_tokens: int | None = None, long_captions: str = "truncate"):
         self.run = RunDir(run_root)
         self.upstream = upstream
         self.json_columns = json_columns
+        self.fit_captions = CaptionFitter(max_caption_tokens, long_captions)
 
     def _rows(self, slices: list[Slice]) -> pa.Table:
         pieces = []
@@ -75,25 +125,29 @@ class ShardWriter:
         started = time.perf_counter()
         rows = self._rows(slices)
         tar_path = self.run.shards_dir / f"{index:05d}.tar"
-        written, missing = [], 0
+        written: list[dict[str, Any]] = []
+        missing = too_long = 0
         with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w") as tar:
             for row in rows.to_pylist():
                 image = row.get(IMAGE)
                 if not image:
                     missing += 1  # kept but imageless: cannot be a training sample
                     continue
+                if not self.fit_captions.fit_row(row):
+                    too_long += 1
+                    continue
                 key = row["uid"]
                 _add_member(tar, f"{key}.{image_extension(image)}", image)
                 _add_member(tar, f"{key}.txt", (row.get("caption") or "").encode("utf-8", "replace"))
                 _add_member(tar, f"{key}.json", sample_json(row, self.json_columns))
-                written.append(key)
-        table = rows.drop_columns([c for c in rows.column_names if c in _NOT_IN_JSON])
-        uids = set(written)
+                written.append(row)
+        # The parquet holds the same rows with the same (fitted) captions as the tar.
+        schema = pa.schema([f for f in rows.schema if f.name not in _NOT_IN_JSON])
         write_atomic(self.run.shards_dir / f"{index:05d}.parquet",
-                     table.filter(pa.array([u in uids for u in table.column("uid").to_pylist()])))
+                     pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in written], schema=schema))
+        dropped = {k: v for k, v in (("no_image", missing), ("caption_too_long_for_context", too_long)) if v}
         done = ShardDone(config_hash=config_hash, upstream=upstream_versions, rows_in=rows.num_rows,
-                         kept=len(written), dropped={"no_image": missing} if missing else {},
-                         seconds=time.perf_counter() - started)
+                         kept=len(written), dropped=dropped, seconds=time.perf_counter() - started)
         self.run.mark_done(tar_path, done)
         return done
 

@@ -108,6 +108,12 @@ def test_shards_hold_exactly_the_kept_samples(curated):
     assert members["jpg"] == members["txt"] == members["json"] == sizes["00000.tar"]
     assert {"uid", "url", "caption", "width", "height"} <= set(first_json)
     assert dict(kept)[first_json["uid"]] == first_json["caption"]
+    # the shard's parquet has exactly the tar's samples, in order, with the same captions
+    with tarfile.open(shards / "00000.tar") as tar:
+        txt = {n[:-4]: tar.extractfile(n).read().decode() for n in tar.getnames() if n.endswith(".txt")}
+    table = pq.read_table(shards / "00000.parquet")
+    assert table.column("uid").to_pylist() == list(txt)
+    assert table.column("caption").to_pylist() == list(txt.values())
 
 
 def test_cli_status_query_and_plan(curated):

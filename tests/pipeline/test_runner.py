@@ -211,3 +211,21 @@ def test_a_dominant_environment_failure_stops_the_run_with_one_line(tmp_path):
     cfg["executor"]["abort_on_reason"] = {}
     summary = run_pipeline(parse_config(cfg))
     assert summary.stages[0].shards_done == 6
+
+
+def test_captions_for_the_trainer_fit_clips_context():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from pipeline.shards import CaptionFitter
+
+    encode = SimpleTokenizer().encode
+    long_caption = " ".join(f"word{i}" for i in range(200))
+    fitted = CaptionFitter(77)(long_caption)
+    assert len(encode(fitted)) <= 75 < len(encode(fitted + " word999"))  # as long as fits, cut between words
+    assert long_caption.startswith(fitted) and long_caption[len(fitted)] == " "
+    assert CaptionFitter(77)("a red circle") == "a red circle"
+    assert CaptionFitter(77, "drop")(long_caption) is None
+    row = {"caption": "short", "rewrites": ["fine", long_caption], "enriched_caption": long_caption}
+    assert CaptionFitter(77, "drop").fit_row(row) and row["rewrites"] == ["fine"] and row["enriched_caption"] is None
+    assert not CaptionFitter(77, "drop").fit_row({"caption": long_caption})
+
