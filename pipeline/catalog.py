@@ -2,7 +2,8 @@
 
 ``samples`` has one row per input row: the ingest columns, every stage's columns (NULL where the
 row never reached that stage), ``<stage>_reason`` per stage, and ``reason`` / ``dropped_at`` saying
-where and why the row left the pipeline (both NULL for kept samples). Queries read parquet lazily,
+where and why the row left the pipeline (both NULL for kept samples; ``'takedown'`` for both when
+``pairsift takedown`` removed it, listed in the ``takedowns`` view). Queries read parquet lazily,
 so a catalog of billions of rows opens instantly.
 """
 
@@ -44,11 +45,14 @@ def open_catalog(run_root: str | Path) -> duckdb.DuckDBPyConnection:
     if any(run.shards_dir.glob("*.parquet")):
         con.execute(f"CREATE VIEW shards AS SELECT * FROM read_parquet('{_glob(run.shards_dir)}/[0-9]*.parquet', "
                     "union_by_name=true, filename=true)")
-    con.execute(_samples_view(con, labels))
+    takedowns = run.root / "takedowns.parquet"
+    if takedowns.exists():
+        con.execute(f"CREATE VIEW takedowns AS SELECT * FROM read_parquet('{_glob(takedowns)}')")
+    con.execute(_samples_view(con, labels, takedowns.exists()))
     return con
 
 
-def _samples_view(con: duckdb.DuckDBPyConnection, labels: list[str]) -> str:
+def _samples_view(con: duckdb.DuckDBPyConnection, labels: list[str], takedowns: bool = False) -> str:
     seen = set(con.execute('SELECT * FROM "ingest" LIMIT 0').fetchdf().columns)
     select = ['"ingest".*']
     joins = []
@@ -63,11 +67,15 @@ def _samples_view(con: duckdb.DuckDBPyConnection, labels: list[str]) -> str:
         select.append(f"{_quote(label)}.reason AS {_quote(label + '_reason')}")
         reasons.append(label)
         joins.append(f"LEFT JOIN {_quote(label)} USING (uid)")
-    if reasons:
-        coalesce = "COALESCE(" + ", ".join(f"{_quote(r)}.reason" for r in reasons) + ")"
-        case = " ".join(f"WHEN {_quote(r)}.reason IS NOT NULL THEN '{r}'" for r in reasons)
+    coalesce = "COALESCE(" + ", ".join(f"{_quote(r)}.reason" for r in reasons) + ")" if reasons else "NULL"
+    cases = [f"WHEN {_quote(r)}.reason IS NOT NULL THEN '{r}'" for r in reasons]
+    if takedowns:  # a takedown overrides whatever the pipeline decided: the sample is gone
+        joins.append('LEFT JOIN (SELECT DISTINCT uid, true AS taken_down FROM "takedowns") AS "__takedown" USING (uid)')
+        coalesce = f"CASE WHEN \"__takedown\".taken_down THEN 'takedown' ELSE {coalesce} END"
+        cases.insert(0, "WHEN \"__takedown\".taken_down THEN 'takedown'")
+    if cases:
         select.append(f"{coalesce} AS reason")
-        select.append(f"CASE {case} END AS dropped_at")
+        select.append(f"CASE {' '.join(cases)} END AS dropped_at")
     return f"CREATE VIEW samples AS SELECT {', '.join(select)} FROM \"ingest\" {' '.join(joins)}"
 
 

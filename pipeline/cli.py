@@ -139,6 +139,31 @@ def verify(run_dir: RunArg) -> None:
 
 
 @app.command()
+def subset(
+    run_dir: RunArg,
+    out: Annotated[Path, typer.Option(help="directory for the new shards (new, or an earlier subset's)")],
+    uids: Annotated[Path | None, typer.Option(help="uids: one per line, or a parquet/csv with a uid column")] = None,
+    urls: Annotated[Path | None, typer.Option(help="urls: one per line, or a parquet/csv with a url column")] = None,
+    exclude: Annotated[bool, typer.Option("--exclude", help="keep every sample except the listed ones")] = False,
+) -> None:
+    """Write new shards (tar + parquet + sizes.json) from a run's shards: no download, no decode."""
+    from pipeline.maintenance import subset as make_subset
+
+    typer.echo(make_subset(run_dir, uids, urls, exclude, out).line())
+
+
+@app.command()
+def takedown(
+    run_dir: RunArg,
+    urls: Annotated[Path, typer.Option(help="urls to remove: one per line, or a parquet/csv with a url column")],
+) -> None:
+    """Remove samples by url from a finished run in place (shards, stored images, catalog) and log them."""
+    from pipeline.maintenance import takedown as take_down
+
+    typer.echo(take_down(run_dir, urls).line())
+
+
+@app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="output directory")],
     n: Annotated[int, typer.Option(help="pool rows")] = 10_000,

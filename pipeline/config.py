@@ -166,7 +166,7 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
             cls = stage_class(str(name))
         except UnknownStage as exc:
             raise UserError(f"{source}: {where}: {exc.args[0]}") from None
-        if label in seen or label in ("ingest", "shards", "report"):
+        if label in seen or label in ("ingest", "shards", "report", "takedown", "takedowns"):
             raise UserError(f"{source}: {where}: stage label {label!r} is used twice; give one a 'label:'")
         seen.add(label)
         try:

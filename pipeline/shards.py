@@ -15,7 +15,9 @@ import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline.maintenance import taken_down_uids
 from pipeline.run_dir import RunDir, ShardDone, write_atomic
 from pipeline.shard_runner import _add_member, atomic_path, attach_images, image_extension, load_input
 from stages.base import IMAGE
@@ -113,6 +115,7 @@ class ShardWriter:
         self.upstream = upstream
         self.json_columns = json_columns
         self.fit_captions = CaptionFitter(max_caption_tokens, long_captions)
+        self.taken_down = pa.array(sorted(taken_down_uids(run_root)), pa.string())  # never written again
 
     def _rows(self, slices: list[Slice]) -> pa.Table:
         pieces = []
@@ -124,6 +127,9 @@ class ShardWriter:
     def write(self, index: int, slices: list[Slice], config_hash: str, upstream_versions: list[str]) -> ShardDone:
         started = time.perf_counter()
         rows = self._rows(slices)
+        taken = pc.is_in(rows.column("uid"), value_set=self.taken_down)
+        taken_down = pc.sum(taken).as_py() or 0
+        rows = rows.filter(pc.invert(taken)) if taken_down else rows
         tar_path = self.run.shards_dir / f"{index:05d}.tar"
         written: list[dict[str, Any]] = []
         missing = too_long = 0
@@ -145,8 +151,9 @@ class ShardWriter:
         schema = pa.schema([f for f in rows.schema if f.name not in _NOT_IN_JSON])
         write_atomic(self.run.shards_dir / f"{index:05d}.parquet",
                      pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in written], schema=schema))
-        dropped = {k: v for k, v in (("no_image", missing), ("caption_too_long_for_context", too_long)) if v}
-        done = ShardDone(config_hash=config_hash, upstream=upstream_versions, rows_in=rows.num_rows,
+        dropped = {k: v for k, v in (("no_image", missing), ("caption_too_long_for_context", too_long),
+                                     ("takedown", taken_down)) if v}
+        done = ShardDone(config_hash=config_hash, upstream=upstream_versions, rows_in=rows.num_rows + taken_down,
                          kept=len(written), dropped=dropped, seconds=time.perf_counter() - started)
         self.run.mark_done(tar_path, done)
         return done

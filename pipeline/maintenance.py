@@ -1,0 +1,478 @@
+"""Maintaining finished runs without re-download: subsets of the shards, and takedowns in place.
+
+``subset`` copies the samples a uid/url list selects (or every other one, with ``exclude``) from a
+run's final shards into new shards elsewhere. ``takedown`` removes the samples whose url is listed
+from a run in place: training shards, their parquet and sizes.json, and the stored images in every
+stage's image tar (download/NNNNN.tar), and records them so the catalog and verify know.
+
+Both stream each tar member by member (images are copied as bytes, never decoded) and hold one
+shard's parquet plus the id list in memory: a billion-sample run costs what its largest shard costs.
+
+A takedown is crash-safe and finishes by being run again (with the same or any other list):
+1. plan: every matching uid (from the ingest parts, so rows dropped earlier count too) is added to
+   ``<run>/takedowns.parquet`` before anything is removed; from then on the catalog and verify treat
+   them as gone, and every later takedown finishes removing them;
+2. per final shard holding one: tar and parquet are written to temporary names, then renamed into
+   place, then its ``.done.json`` gets the new ``kept``; image tars are rewritten the same way;
+3. ``sizes.json`` is rewritten from the shards' row counts;
+4. ``<run>/takedowns.jsonl`` gets one line per removed sample not logged before (time, url, uid, shard).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+from pipeline.run_dir import RunDir, ShardDone, write_atomic
+
+TAKEDOWNS = "takedowns.parquet"  # every uid ever taken down: the catalog's and verify's input
+TAKEDOWN_LOG = "takedowns.jsonl"  # the audit log: what was removed, when, from which shard
+TAKEDOWN_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("shard", pa.string()),
+                             ("input_shard", pa.int32()), ("requested_at", pa.float64())])
+_UID = re.compile(r"[0-9a-f]{32}")
+_SUBSET_FILES = re.compile(r"(\d{5}\.(tar|parquet)|sizes\.json|subset\.json|\..+\.tmp)")
+
+
+# --- id lists --------------------------------------------------------------------------------
+
+def read_id_list(path: Path, column: str) -> set[str]:
+    """The ids in a list file: one per line, or the ``column`` of a parquet or csv file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (expected one {column} per line, or a parquet/csv with a '{column}' column)")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        ids = _parquet_ids(path, column)
+    elif suffix in (".csv", ".tsv"):
+        ids = _csv_ids(path, column, "\t" if suffix == ".tsv" else ",")
+    else:
+        ids = _line_ids(path, column)
+    if not ids:
+        raise UserError(f"{path}: lists no {column}s")
+    return ids
+
+
+def _check_uid(value: str, where: str) -> None:
+    if not _UID.fullmatch(value):
+        raise UserError(f"{where}: {value[:60]!r} is not a uid (32 lowercase hex chars); for a URL list use --urls")
+
+
+def _line_ids(path: Path, column: str) -> set[str]:
+    ids: set[str] = set()
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            value = line.strip()
+            if not value or value.startswith("#"):
+                continue
+            if column == "uid":
+                _check_uid(value, f"{path} line {number}")
+            ids.add(value)
+    return ids
+
+
+def _column_ids(values: pa.ChunkedArray | pa.Array, column: str, where: str) -> set[str]:
+    ids = {str(v).strip() for v in values.to_pylist() if v is not None and str(v).strip()}
+    if column == "uid":
+        for value in ids:
+            _check_uid(value, where)
+    return ids
+
+
+def _parquet_ids(path: Path, column: str) -> set[str]:
+    try:
+        file = pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UserError(f"{path}: not a readable parquet file: {exc}") from None
+    if column not in file.schema_arrow.names:
+        raise UserError(f"{path}: has no '{column}' column (columns: {', '.join(file.schema_arrow.names)})")
+    ids: set[str] = set()
+    for batch in file.iter_batches(columns=[column], batch_size=65_536):  # a huge list never loads whole
+        ids |= _column_ids(batch.column(0), column, str(path))
+    return ids
+
+
+def _csv_ids(path: Path, column: str, delimiter: str) -> set[str]:
+    try:
+        reader = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                                convert_options=pacsv.ConvertOptions(include_columns=[column],
+                                                                     column_types={column: pa.string()}))
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise UserError(f"{path}: cannot read a '{column}' column from it: {str(exc).splitlines()[0]}") from None
+    ids: set[str] = set()
+    for batch in reader:
+        ids |= _column_ids(batch.column(0), column, str(path))
+    return ids
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def _tmp_beside(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextmanager
+def _temporaries(*paths: Path) -> Iterator[list[Path]]:
+    """Temporary files beside ``paths``; whatever the block leaves unrenamed is removed."""
+    temps = [_tmp_beside(p) for p in paths]
+    try:
+        yield temps
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def _commit(temps: list[Path], finals: list[Path]) -> None:
+    """Rename finished temporaries into place (each rename is atomic)."""
+    for tmp, final in zip(temps, finals):
+        os.replace(tmp, final)
+
+
+def sample_key(member_name: str) -> str:
+    """webdataset's key: the path up to the first dot of the file name (``uid.jpg`` -> ``uid``)."""
+    head, slash, base = member_name.rpartition("/")
+    return head + slash + base.split(".", 1)[0]
+
+
+def copy_tar_members(src: Path, dst: Path, keep: Callable[[str], bool]) -> list[str]:
+    """Stream the members of ``src`` whose key ``keep`` accepts into a new tar at ``dst``, header and
+    bytes unchanged (nothing is decoded). Returns the kept keys in order."""
+    kept: list[str] = []
+    with tarfile.open(src, "r|") as source, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as out:
+        for member in source:
+            source.members.clear()  # tarfile keeps every header it read: memory would grow with the tar
+            key = sample_key(member.name)
+            if not keep(key):
+                continue
+            out.addfile(member, source.extractfile(member) if member.isfile() else None)
+            out.members.clear()  # the writer keeps a list of what it wrote, too
+            if not kept or kept[-1] != key:
+                kept.append(key)
+    return kept
+
+
+def tar_keys(path: Path) -> set[str]:
+    """The sample keys in a tar, from its headers only (seeks over the data)."""
+    with tarfile.open(path) as tar:
+        return {sample_key(m.name) for m in tar}
+
+
+def _shard_names(shards_dir: Path) -> list[str]:
+    sizes_path = shards_dir / "sizes.json"
+    try:
+        sizes = json.loads(sizes_path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{sizes_path}: missing or unreadable; is the run finished? (`pairsift run` writes it last)") from None
+    return sorted(sizes)
+
+
+def _read_shard_table(tar_path: Path, columns: list[str] | None = None, need: tuple[str, ...] = ("uid",)) -> pa.Table:
+    """A shard's parquet (only ``columns`` if given), which must have the ``need`` columns."""
+    table_path = tar_path.with_suffix(".parquet")
+    if not table_path.exists():
+        raise UserError(f"{table_path}: missing; every shard's parquet must sit beside its tar (`pairsift verify`)")
+    names = pq.read_schema(table_path).names
+    for name in set(need) | set(columns or ()):
+        if name not in names:
+            raise UserError(f"{table_path}: has no '{name}' column, so samples cannot be selected by it")
+    return pq.read_table(table_path, columns=columns)
+
+
+def _id_array(ids: set[str]) -> pa.Array:
+    """Built once per list: a million-id list is not rebuilt for every shard."""
+    return pa.array(list(ids), pa.string())
+
+
+def _in(table: pa.Table, column: str, ids: set[str] | pa.Array) -> pa.ChunkedArray:
+    value_set = _id_array(ids) if isinstance(ids, set) else ids
+    return pc.fill_null(pc.is_in(table.column(column), value_set=value_set), False)
+
+
+# --- subset ----------------------------------------------------------------------------------
+
+@dataclass
+class SubsetSummary:
+    out: str
+    listed: int
+    not_found: int
+    shards_in: int
+    shards_out: int
+    samples_in: int
+    samples_out: int
+
+    def line(self) -> str:
+        return (f"wrote {self.samples_out:,} of {self.samples_in:,} samples in {self.shards_out} shards to {self.out} "
+                f"({self.listed:,} ids listed, {self.not_found:,} not in the run)")
+
+
+def _source_shards(run_dir: Path) -> Path:
+    """A run directory, or a shards directory itself (so a subset can be subset again)."""
+    run_dir = Path(run_dir)
+    return run_dir if (run_dir / "sizes.json").exists() else RunDir(run_dir).shards_dir
+
+
+def _prepare_out(out: Path, source: Path) -> None:
+    if out.resolve() == source.resolve() or out.resolve() == source.parent.resolve():
+        raise UserError(f"--out {out}: must not be the run or its shards directory; pick a new directory")
+    if out.exists():
+        foreign = [p.name for p in out.iterdir() if not _SUBSET_FILES.fullmatch(p.name)]
+        if foreign:
+            raise UserError(f"--out {out}: not empty and not an earlier subset ({foreign[0]} ...); pick a new directory")
+        (out / "subset.json").unlink(missing_ok=True)  # incomplete until written again, last
+        for stale in out.glob(".*.tmp"):
+            stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def subset(run_dir: Path, uids: Path | None, urls: Path | None, exclude: bool, out: Path) -> SubsetSummary:
+    """Write new shards into ``out`` holding the listed samples (all but them with ``exclude``).
+
+    One output shard per input shard that keeps a sample, numbered from 00000, each with its parquet,
+    then sizes.json and subset.json (written last: the subset is complete when it exists)."""
+    if (uids is None) == (urls is None):
+        raise UserError("give exactly one of --uids FILE or --urls FILE")
+    column = "uid" if uids is not None else "url"
+    list_path = Path(uids if uids is not None else urls)  # type: ignore[arg-type]
+    ids = read_id_list(list_path, column)
+    source, out = _source_shards(Path(run_dir)), Path(out)
+    names = _shard_names(source)
+    _prepare_out(out, source)
+    found: set[str] = set()
+    sizes: dict[str, int] = {}
+    samples_in = 0
+    value_set = _id_array(ids)
+    for name in names:
+        table = _read_shard_table(source / name, need=("uid", column))
+        samples_in += table.num_rows
+        hit = _in(table, column, value_set)
+        found.update(table.filter(hit).column(column).to_pylist())
+        chosen = table.filter(pc.invert(hit) if exclude else hit)
+        if chosen.num_rows == 0:
+            continue
+        target = out / f"{len(sizes):05d}.tar"
+        _copy_shard(source / name, target, chosen)
+        sizes[target.name] = chosen.num_rows
+    for stale in out.glob("[0-9]*.*"):  # an earlier, larger subset into the same directory
+        if stale.name.split(".")[0].isdigit() and f"{stale.name.split('.')[0]}.tar" not in sizes:
+            stale.unlink()
+    write_atomic(out / "sizes.json", json.dumps(sizes, indent=1))
+    summary = SubsetSummary(str(out), len(ids), len(ids - found), len(names), len(sizes), samples_in,
+                            sum(sizes.values()))
+    write_atomic(out / "subset.json", json.dumps({
+        "source": str(source.resolve()), "list": str(list_path.resolve()), "by": column, "exclude": exclude,
+        "created_at": time.time(), **{k: v for k, v in summary.__dict__.items() if k != "out"}}, indent=1))
+    return summary
+
+
+def _copy_shard(src_tar: Path, dst_tar: Path, chosen: pa.Table) -> None:
+    keep = set(chosen.column("uid").to_pylist())
+    dst_parquet = dst_tar.with_suffix(".parquet")
+    with _temporaries(dst_tar, dst_parquet) as (tmp_tar, tmp_parquet):
+        copied = copy_tar_members(src_tar, tmp_tar, keep.__contains__)
+        if copied != chosen.column("uid").to_pylist():
+            raise UserError(f"{src_tar}: tar members and parquet rows disagree; run `pairsift verify` on the run")
+        pq.write_table(chosen, tmp_parquet)
+        _commit([tmp_tar, tmp_parquet], [dst_tar, dst_parquet])
+
+
+# --- takedown --------------------------------------------------------------------------------
+
+@dataclass
+class TakedownSummary:
+    urls_listed: int
+    urls_not_found: int
+    uids_added: int
+    samples_removed: int
+    shards_rewritten: int
+    image_tars_rewritten: int
+    logged: int
+
+    def line(self) -> str:
+        return (f"took down {self.uids_added:,} samples ({self.urls_not_found:,} of {self.urls_listed:,} urls not in "
+                f"the run); removed {self.samples_removed:,} from {self.shards_rewritten} shards and "
+                f"{self.image_tars_rewritten} image tars; logged {self.logged:,}")
+
+
+def taken_down_uids(run_root: str | Path) -> set[str]:
+    """Every uid a takedown removed from the run (empty when none): rows the catalog marks 'takedown'."""
+    path = Path(run_root) / TAKEDOWNS
+    if not path.exists():
+        return set()
+    return set(pq.read_table(path, columns=["uid"]).column("uid").to_pylist())
+
+
+@contextmanager
+def _run_lock(run: RunDir) -> Iterator[None]:
+    """One takedown at a time per run; the OS drops the lock if the process dies."""
+    with open(run.root / ".takedown.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run.root}: another takedown is running on this run; wait for it") from None
+        yield
+
+
+def takedown(run_dir: Path, urls: Path) -> TakedownSummary:
+    """Remove every sample whose url is listed from the run in place; see the module note."""
+    run = RunDir(run_dir)
+    meta = run.read_run_json()
+    if meta.get("status") == "running":
+        raise UserError(f"{run.root}: the run is not finished (status 'running'); rerun `pairsift run` to finish it first")
+    listed = read_id_list(Path(urls), "url")
+    labels = ["ingest"] + [s["label"] for s in meta["config"].get("stages", [])]
+    names = _shard_names(run.shards_dir)
+    with _run_lock(run):
+        _remove_stale_temporaries(run, labels)
+        plan, added, found_urls = _plan(run, names, listed)
+        removed, rewritten = 0, 0
+        by_shard = {name: uids for name, uids in _group(plan, "shard").items() if name in names}
+        for name, uids in by_shard.items():
+            count = take_down_shard(run, name, uids)
+            removed += count
+            rewritten += count > 0
+        image_tars = sum(_scrub_images(run, labels, int(s), uids) for s, uids in _group(plan, "input_shard").items())
+        _update_sizes(run, list(by_shard))
+        logged = _log(run, plan)
+    return TakedownSummary(len(listed), len(listed - found_urls), added, removed, rewritten, image_tars, logged)
+
+
+def _remove_stale_temporaries(run: RunDir, labels: list[str]) -> None:
+    """A takedown killed hard leaves its temporaries; nothing else writes to a finished run."""
+    for folder in [run.shards_dir, run.root] + [run.stage_dir(label) for label in labels]:
+        for tmp in folder.glob(".*.tmp"):
+            if re.fullmatch(r"\.(\d{5}\.(tar|parquet|done\.json)|sizes\.json|takedowns\.parquet)\..+\.tmp", tmp.name):
+                tmp.unlink(missing_ok=True)
+
+
+def _plan(run: RunDir, names: list[str], urls: set[str]) -> tuple[pa.Table, int, set[str]]:
+    """Add every uid with a listed url to takedowns.parquet before removing anything; return the
+    whole table (earlier takedowns included, so an interrupted one is finished too)."""
+    path = run.root / TAKEDOWNS
+    known = pq.read_table(path).cast(TAKEDOWN_SCHEMA) if path.exists() else TAKEDOWN_SCHEMA.empty_table()
+    seen = set(known.column("uid").to_pylist())
+    new: dict[str, dict] = {}
+    found_urls: set[str] = set()
+    now = time.time()
+    listed = _id_array(urls)
+    for part in sorted(run.stage_dir("ingest").glob("part-*.parquet")):
+        table = pq.read_table(part, columns=["uid", "url"])
+        for row in table.filter(_in(table, "url", listed)).to_pylist():
+            found_urls.add(row["url"])
+            if row["uid"] not in seen:
+                new[row["uid"]] = {**row, "shard": None, "input_shard": int(part.name[5:10]), "requested_at": now}
+    for name in names:  # where each sample sits in the training shards, if it got there
+        table = _read_shard_table(run.shards_dir / name, ["uid", "url"])
+        for row in table.filter(_in(table, "url", listed)).to_pylist():
+            found_urls.add(row["url"])
+            if row["uid"] not in seen:
+                entry = new.setdefault(row["uid"], {**row, "input_shard": None, "requested_at": now})
+                entry["shard"] = name
+    if new:
+        known = pa.concat_tables([known, pa.Table.from_pylist(list(new.values()), TAKEDOWN_SCHEMA)])
+        write_atomic(path, known)
+    return known, len(new), found_urls
+
+
+def _group(plan: pa.Table, column: str) -> dict:
+    groups: dict = {}
+    for key, uid in zip(plan.column(column).to_pylist(), plan.column("uid").to_pylist()):
+        if key is not None:
+            groups.setdefault(key, set()).add(uid)
+    return dict(sorted(groups.items()))
+
+
+def take_down_shard(run: RunDir, name: str, uids: set[str]) -> int:
+    """Rewrite one training shard without ``uids`` (tar and parquet both to temporaries, then both
+    renamed), then its marker. Returns how many samples it removed (0 if already done)."""
+    tar_path = run.shards_dir / name
+    table_path = tar_path.with_suffix(".parquet")
+    table = _read_shard_table(tar_path, ["uid"])  # most shards of an old plan are done: read the ids only
+    count = pc.sum(_in(table, "uid", uids)).as_py() or 0
+    if count:
+        table = _read_shard_table(tar_path)
+        remaining = table.filter(pc.invert(_in(table, "uid", uids)))
+        with _temporaries(tar_path, table_path) as (tmp_tar, tmp_table):
+            copy_tar_members(tar_path, tmp_tar, lambda key: key not in uids)
+            pq.write_table(remaining, tmp_table)
+            _commit([tmp_tar, tmp_table], [tar_path, table_path])
+        table = remaining
+    _update_marker(run, tar_path, table.num_rows)
+    return count
+
+
+def _update_marker(run: RunDir, tar_path: Path, rows: int) -> None:
+    """The shard's kept count is what the runner's sizes.json reads on a later rerun."""
+    done = run.read_done(tar_path)
+    if done is None or done.kept == rows:
+        return
+    dropped = dict(done.dropped)
+    dropped["takedown"] = dropped.get("takedown", 0) + done.kept - rows
+    fixed = ShardDone(**(done.model_dump() | {"kept": rows, "dropped": dropped, "version": uuid.uuid4().hex}))
+    write_atomic(run.done_of(tar_path), fixed.model_dump_json())
+
+
+def _scrub_images(run: RunDir, labels: list[str], input_shard: int, uids: set[str]) -> int:
+    """Remove the stored images of ``uids`` from every stage's image tar of that input shard."""
+    rewritten = 0
+    for label in labels:
+        tar_path = run.images(label, input_shard)
+        if not tar_path.exists() or not tar_keys(tar_path) & uids:
+            continue
+        with _temporaries(tar_path) as (tmp,):
+            copy_tar_members(tar_path, tmp, lambda key: key not in uids)
+            _commit([tmp], [tar_path])
+        rewritten += 1
+    return rewritten
+
+
+def _update_sizes(run: RunDir, touched: list[str]) -> None:
+    """Set the touched shards' counts from their parquet (its footer: no rows are read)."""
+    path = run.shards_dir / "sizes.json"
+    sizes = json.loads(path.read_text())
+    fresh = sizes | {name: pq.ParquetFile((run.shards_dir / name).with_suffix(".parquet")).metadata.num_rows
+                     for name in touched}
+    if fresh != sizes:
+        write_atomic(path, json.dumps(fresh, indent=1))
+
+
+def _logged_uids(path: Path) -> set[str]:
+    """uids already in the log; a last line cut off by a crash is dropped so appends stay valid."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as handle:
+            handle.truncate(len(data))
+    return {json.loads(line)["uid"] for line in data.splitlines() if line.strip()}
+
+
+def _log(run: RunDir, plan: pa.Table) -> int:
+    path = run.root / TAKEDOWN_LOG
+    logged = _logged_uids(path)
+    now = time.time()
+    lines = [json.dumps({"time": now, "url": row["url"], "uid": row["uid"], "shard": row["shard"]}) + "\n"
+             for row in plan.select(["uid", "url", "shard"]).to_pylist() if row["uid"] not in logged]
+    if lines:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return len(lines)
