@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -115,8 +116,27 @@ def filter_quality(run_dir: Path, corpus: Path) -> dict[str, float]:
             "recall": true_positive / len(clean) if clean else 0.0}
 
 
+def ablation_run(cfg, run_dir: Path, drop_label: str, out: Path):
+    """The same curation without one stage, computed from the finished run: its common stage prefix is
+    hard-linked into a new run directory, so resume recomputes only what differs (and the shards)."""
+    from pipeline.runner import run_pipeline
+
+    stages = [s for s in cfg.stages if s.label != drop_label]
+    variant = cfg.model_copy(update={"run_dir": str(out), "stages": stages})
+    shared = ["ingest"]
+    for kept, original in zip(stages, cfg.stages):
+        if kept.label != original.label:
+            break
+        shared.append(kept.label)
+    for label in shared:
+        if (run_dir / label).exists() and not (out / label).exists():
+            shutil.copytree(run_dir / label, out / label, copy_function=os.link)
+    run_pipeline(variant)
+    return out / "shards"
+
+
 def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "ray",
-             threads: int | None = None) -> dict[str, Any]:
+             threads: int | None = None, ablations: bool = False) -> dict[str, Any]:
     from pipeline.report_text import console, print_funnel, print_summary
     from pipeline.runner import run_pipeline
     from pipeline.serve import free_port, serve
@@ -155,12 +175,16 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "r
     print_summary(run)
     print_funnel(run_dir)
 
-    pool_data = _write_pool_sizes(run_dir)
+    trainings = [("pool (everything downloaded)", _write_pool_sizes(run_dir))]
+    if ablations:
+        with serve(corpus, port=port):  # the variants reuse every download; nothing is fetched again
+            trainings += [("filter-only", ablation_run(cfg, run_dir, "balance", out / "ablation-filter-only")),
+                          ("balance-only", ablation_run(cfg, run_dir, "clip_filter", out / "ablation-balance-only"))]
+    trainings.append(("curated", run_dir / "shards"))
     rows = []
-    for step, (name, data) in enumerate((("pool (everything downloaded)", pool_data),
-                                         ("curated", run_dir / "shards")), start=4):
-        console.print(f"[{step}/5] training the same CLIP for {plan.train_steps} steps x {plan.batch_size} "
-                      f"on {name}, then evaluating on the clean test set")
+    for number, (name, data) in enumerate(trainings, start=1):
+        console.print(f"[{4 if number < len(trainings) else 5}/5] training the same CLIP for {plan.train_steps} "
+                      f"steps x {plan.batch_size} on {name}, then evaluating on the clean test set")
         final = _train(data, models / name.split()[0], plan.train_steps, plan.batch_size, seed, plan.threads)
         result = evaluate_checkpoint(final, corpus / "test")
         head, tail = _head_tail(result, summary.zipf_order)

@@ -229,3 +229,22 @@ def test_captions_for_the_trainer_fit_clips_context():
     assert CaptionFitter(77, "drop").fit_row(row) and row["rewrites"] == ["fine"] and row["enriched_caption"] is None
     assert not CaptionFitter(77, "drop").fit_row({"caption": long_caption})
 
+
+
+def test_an_ablation_reuses_the_finished_prefix_and_recomputes_the_rest(tmp_path):
+    from pipeline.demo import ablation_run
+
+    make_pool(tmp_path / "pool.parquet")
+    cfg = parse_config(config(tmp_path))
+    run_pipeline(cfg)
+    first = versions(RunDir(tmp_path / "run"), "caption_length")
+    ablation_run(cfg, tmp_path / "run", "top_fraction", tmp_path / "variant")
+    variant = RunDir(tmp_path / "variant")
+    assert versions(variant, "caption_length") == first  # reused, not recomputed
+    assert not variant.stage_dir("top_fraction").exists()
+    kept = {s.label: s for s in funnel(tmp_path / "variant")}["caption_length"].kept
+    assert sum(json.loads((tmp_path / "variant/shards/sizes.json").read_text()).values()) == 0  # toy: no images
+    assert json.loads((tmp_path / "variant/shards/00000.done.json").read_text())["rows_in"] == min(kept, 50)
+    assert verify_run(tmp_path / "variant").ok
+    # the original run is untouched by the variant's writes (atomic renames replace, never write through)
+    assert versions(RunDir(tmp_path / "run"), "caption_length") == first and verify_run(tmp_path / "run").ok
