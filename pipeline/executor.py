@@ -103,17 +103,21 @@ class _Actor:
 
 
 def start_ray(cfg: RayConfig) -> None:
-    """Join ``cfg.address``, or start Ray on this machine bound to a loopback address.
+    """Join ``cfg.address`` (or ``RAY_ADDRESS``), or start Ray on this machine bound to loopback.
 
-    Plain ``ray.init()`` binds to the machine's network address, and Ray rewrites 127.0.0.1 to it:
-    any other loopback address (127.0.0.2 by default) keeps the local run off the network."""
+    ``ray job submit`` runs its entrypoint with ``RAY_ADDRESS`` set: a ``pairsift run`` submitted as
+    a job joins that cluster even without ``--address``, rather than starting a Ray of its own (with
+    local-only arguments that joining would refuse). Plain ``ray.init()`` binds to the machine's
+    network address, and Ray rewrites 127.0.0.1 to it: any other loopback address (127.0.0.2 by
+    default) keeps the local run off the network."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ["RAY_AUTH_MODE"] = cfg.auth_mode
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True, logging_level="WARNING")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     else:
         ray.init(_node_ip_address=cfg.node_ip, include_dashboard=False, num_cpus=cfg.num_cpus,
                  logging_level="WARNING", configure_logging=True)
@@ -153,10 +157,16 @@ class RayExecutor:
         inflight: dict[Any, tuple[Job, float, Any]] = {}
         actor_cls = ray.remote(max_restarts=0)(_Actor) if spec.stateful else None
         task = ray.remote(max_retries=0)(_call_worker) if not spec.stateful else None
-        idle_actors: list[Any] = (
-            [actor_cls.options(**options).remote(spec.cls, spec.kwargs) for _ in range(n_workers)]
-            if actor_cls else []
-        )
+        # actor -> a call that returns once the actor's setup() has run: a shard's deadline counts
+        # from then, so a slow model load is not charged to (and does not expire) the first shards.
+        starting: dict[Any, Any] = {}
+
+        def new_actor() -> Any:
+            actor = actor_cls.options(**options).remote(spec.cls, spec.kwargs)
+            starting[actor] = actor.pid.remote()
+            return actor
+
+        idle_actors: list[Any] = [new_actor() for _ in range(n_workers)] if actor_cls else []
 
         def submit(job: Job) -> None:
             job.attempts += 1
@@ -176,8 +186,9 @@ class RayExecutor:
                 queue.insert(0, job)
 
         def replace(actor: Any) -> None:
+            starting.pop(actor, None)
             ray.kill(actor, no_restart=True)
-            idle_actors.append(actor_cls.options(**options).remote(spec.cls, spec.kwargs))
+            idle_actors.append(new_actor())
 
         try:
             while queue or inflight:
@@ -188,20 +199,23 @@ class RayExecutor:
                     job, _, actor = inflight.pop(ref)
                     try:
                         value = ray.get(ref)
-                    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-                        if actor is not None:
-                            replace(actor)
-                        failed(job, f"worker died: {_one_line(exc)}")
-                        continue
-                    except ray.exceptions.RayTaskError as exc:
+                    except ray.exceptions.RayTaskError as exc:  # the stage raised; its worker is fine
                         if actor is not None:
                             idle_actors.append(actor)
                         failed(job, _one_line(exc.cause if exc.cause else exc))
                         continue
+                    except ray.exceptions.RayError as exc:
+                        # Anything else is the machinery failing under the shard, never the shard's
+                        # fault: the worker or its node died (killed, OOM, node lost), the result was
+                        # lost, the task could not be placed. Retry it elsewhere, like a crash.
+                        if actor is not None:
+                            replace(actor)
+                        failed(job, f"worker lost: {_one_line(exc)}")
+                        continue
                     if actor is not None:
                         idle_actors.append(actor)
                     on_result(JobResult(job, value=value, errors=errors[job.shard]))
-                self._expire(inflight, failed, replace)
+                self._expire(inflight, starting, failed, replace)
         finally:
             for actor in idle_actors:
                 ray.kill(actor, no_restart=True)
@@ -215,19 +229,28 @@ class RayExecutor:
 
         return ray.put(value)
 
-    def _expire(self, inflight: dict, failed: Callable, replace: Callable) -> None:
+    def _expire(self, inflight: dict, starting: dict, failed: Callable, replace: Callable) -> None:
         import ray
 
         now = time.monotonic()
+        if starting:
+            ready = set(ray.wait(list(starting.values()), num_returns=len(starting), timeout=0)[0])
+            for actor in [a for a, ref in starting.items() if ref in ready]:
+                del starting[actor]
+                for ref, (job, _, owner) in list(inflight.items()):
+                    if owner is not None and owner == actor:
+                        inflight[ref] = (job, now, owner)  # set up: the shard's own clock starts now
         for ref, (job, started, actor) in list(inflight.items()):
             if now - started <= self.cfg.shard_timeout_s:
                 continue
             inflight.pop(ref)
+            still_starting = actor is not None and actor in starting
             if actor is None:
                 ray.cancel(ref, force=True)
             else:
                 replace(actor)
-            failed(job, f"shard deadline of {self.cfg.shard_timeout_s:g}s passed")
+            failed(job, f"shard deadline of {self.cfg.shard_timeout_s:g}s passed"
+                        + (" while the worker was still setting up" if still_starting else ""))
 
     def close(self) -> None:
         pass

@@ -82,6 +82,12 @@ class RunDir:
         except OSError as exc:
             raise UserError(f"run directory {self.root} is not writable: {exc.strerror or exc}") from None
 
+    def remove_temp_files(self) -> None:
+        """Temporary files of writers that were killed mid-write. Only call this when no worker of
+        this run can still be writing (the start and the end of a run)."""
+        for path in self.root.rglob(".*.tmp"):
+            path.unlink(missing_ok=True)
+
     # --- paths -------------------------------------------------------------------------------
     def stage_dir(self, label: str) -> Path:
         return self.root / label

@@ -309,6 +309,7 @@ def write_output_shards(cfg: RunConfig, run: RunDir, executor, n_shards: int, sh
 def run_pipeline(cfg: RunConfig) -> RunSummary:
     run = RunDir(cfg.run_dir)
     run.create()
+    run.remove_temp_files()  # left by writers killed in an earlier attempt: never under a final name
     hashes = cfg.stage_hashes()
     started = time.time()
     meta = {"config": cfg.to_json(), "stage_hashes": hashes, "versions": versions(), "started_at": started}
@@ -332,5 +333,6 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
                              "shards_failed": r.shards_failed, "shards_blocked": r.shards_blocked,
                              "rows": r.rows, "seconds": round(r.seconds, 3), "rows_per_s": round(r.rows_per_s, 1)}
                             for r in reports])
+    run.remove_temp_files()
     run.write_run_json(meta)
     return summary
