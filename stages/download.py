@@ -8,35 +8,51 @@ header: markup or unknown bytes served as an image are ``not_an_image``, and a d
 MB on the wire and 2.5 GB in memory). Images with an EXIF rotation, or in formats OpenCV cannot
 read, are made upright/readable with PIL first (img2dataset ignores EXIF orientation).
 
-Like img2dataset, fetches run on a thread pool and decode/resize runs on the calling thread, with
-at most two fetched bodies per thread waiting; the Resizer redirects the process's stdout/stderr
-while it decodes, which is only safe from one thread.
+Like img2dataset, fetches run on a pool of threads and decode/resize runs on the calling thread,
+with at most two fetched bodies per thread waiting; the Resizer redirects the process's
+stdout/stderr while it decodes, which is only safe from one thread. Which row a thread fetches next
+is ``stages.politeness``'s call: per-domain concurrency and rate limits, 429/503 back-off, a circuit
+breaker per domain and (optionally) robots.txt. That state, and the DNS cache, live on the stage
+instance, which is an actor (``stateful``) so they last across a worker's shards; the limits are
+therefore per worker, and ingest's ``spread_domains`` is what keeps one domain off one worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
+import queue
 import threading
 import warnings
 from dataclasses import dataclass
-from multiprocessing.pool import ThreadPool
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from stages.base import IMAGE, Resources, Stage, StageConfig, with_reason
 from stages.fetch import (
     DEFAULT_USER_AGENT,
     FAILED,
+    TIMEOUT,
     CachingResolver,
     FetchPolicy,
     FetchResult,
     Resolver,
     fetch,
+    system_resolver,
+)
+from stages.politeness import (
+    ROBOTS_MAX_BYTES,
+    BackoffConfig,
+    BreakerConfig,
+    DomainLimits,
+    Politeness,
+    RowScheduler,
+    Ticket,
 )
 
 DECODE_ERROR = "decode_error"
@@ -65,6 +81,30 @@ class DownloadConfig(StageConfig):
     allow_loopback: bool = False  # loopback servers (tests, `pairsift serve`); never other private ranges
     max_redirects: int = Field(5, ge=0)
     compute_sha256: bool = True
+    # Politeness, per worker (see stages/politeness.py). Limits are off unless set: a real-web preset
+    # sets e.g. per_domain: {max_concurrency: 4, requests_per_s: 10}.
+    per_domain: DomainLimits = DomainLimits()
+    domain_overrides: dict[str, DomainLimits] = {}  # "example.com" also covers its subdomains
+    backoff: BackoffConfig = BackoffConfig()  # HTTP 429/503
+    breaker: BreakerConfig = BreakerConfig()
+    respect_robots_txt: bool = False
+    # Every attempt and pause of one row, from its first request; default deadline_s * (1 + retries).
+    row_deadline_s: float | None = Field(None, gt=0)
+    dns_ttl_s: float = Field(300.0, ge=0)
+
+    @field_validator("domain_overrides")
+    @classmethod
+    def _resolve_overrides(cls, overrides: dict[str, DomainLimits], info: ValidationInfo) -> dict[str, DomainLimits]:
+        """Lower-case the names and fill each override's unset limits from ``per_domain`` now, so
+        the config means the same after a model_dump() round trip to a worker."""
+        base = info.data.get("per_domain")
+        resolved: dict[str, DomainLimits] = {}
+        for domain, limits in overrides.items():
+            name = domain.strip().strip(".").lower()
+            if not name or any(c in name for c in "/:@ ?#"):
+                raise ValueError(f"domain_overrides: {domain!r} is not a host name (write e.g. 'example.com')")
+            resolved[name] = base.merged(limits) if base is not None else limits
+        return resolved
 
     @model_validator(mode="after")
     def _png_quality_is_a_compression_level(self) -> DownloadConfig:
@@ -88,6 +128,20 @@ class DownloadConfig(StageConfig):
             respect_opt_out=self.respect_opt_out,
             user_agent=agent,
             user_agent_token=self.user_agent_token,
+        )
+
+    @property
+    def row_deadline(self) -> float:
+        return self.row_deadline_s or self.deadline_s * (1 + self.retries)
+
+    def politeness(self) -> Politeness:
+        return Politeness(
+            self.per_domain,
+            self.domain_overrides,
+            self.backoff,
+            self.breaker,
+            respect_robots_txt=self.respect_robots_txt,
+            robots_agent=self.user_agent_token or "pairsift",
         )
 
 
@@ -128,15 +182,17 @@ COLUMNS: dict[str, pa.DataType] = {
 class Download(Stage):
     name: ClassVar[str] = "download"
     config_class: ClassVar[type[StageConfig]] = DownloadConfig
-    stateful: ClassVar[bool] = False
+    # An actor: the DNS cache, per-domain limits, breakers and robots.txt outlive one shard.
+    stateful: ClassVar[bool] = True
     needs_images: ClassVar[bool] = False
     cfg: DownloadConfig
 
     def __init__(self, cfg: DownloadConfig, resolver: Resolver | None = None):
         """``resolver`` maps a host name to addresses; tests inject one, the default is the system's
-        ``getaddrinfo`` behind a per-worker cache."""
+        ``getaddrinfo``. Either way it sits behind a per-worker cache (``dns_ttl_s``)."""
         super().__init__(cfg)
-        self._resolver = resolver
+        self._resolver: Resolver = CachingResolver(resolver or system_resolver, ttl_s=cfg.dns_ttl_s)
+        self.politeness = cfg.politeness()
         self._resizer: Any = None
 
     @property
@@ -156,8 +212,6 @@ class Download(Stage):
             encode_format=self.cfg.encode_format,
             encode_quality=self.cfg.encode_quality,
         )
-        if self._resolver is None:
-            self._resolver = CachingResolver()
 
     def __call__(self, shard: pa.Table) -> pa.Table:
         if self._resizer is None:
@@ -173,38 +227,86 @@ class Download(Stage):
         return with_reason(shard, [r.reason for r in rows])
 
     def download_all(self, urls: list[Any]) -> list[RowResult]:
-        """One RowResult per url, in order. Fetches run on ``thread_count`` threads; at most two
-        fetched bodies per thread wait for the (single-threaded) decode, which bounds memory."""
-        results: list[RowResult | None] = [None] * len(urls)
+        """One RowResult per url, in order. ``thread_count`` threads fetch what the per-domain
+        scheduler hands them; at most two fetched bodies per thread wait for the (single-threaded)
+        decode here, which bounds memory."""
         if not urls:
             return []
-        slots = threading.Semaphore(2 * self.cfg.thread_count)
-        policy = self.cfg.fetch_policy()
-
-        def feed():
-            for index in range(len(urls)):
-                slots.acquire()
-                yield index
-
-        def fetch_row(index: int) -> tuple[int, FetchResult, str | None]:
-            try:
-                fetched = fetch(urls[index], policy, self._resolver)
-            except Exception as exc:  # noqa: BLE001 - a bug for one url must not cost the shard
-                fetched = FetchResult(str(urls[index]), reason=FAILED, error=f"{type(exc).__name__}: {exc}")
-            digest = None
-            if fetched.ok and self.cfg.compute_sha256:
-                digest = hashlib.sha256(fetched.data).hexdigest()  # releases the GIL: hash here, not below
-            return index, fetched, digest
-
-        with ThreadPool(min(self.cfg.thread_count, len(urls))) as pool:
-            for index, fetched, digest in pool.imap_unordered(fetch_row, feed()):
+        results: list[RowResult | None] = [None] * len(urls)
+        done: queue.SimpleQueue[tuple[int, FetchResult]] = queue.SimpleQueue()
+        digests: dict[int, str] = {}  # hashed on the fetch threads (hashlib releases the GIL)
+        bodies = threading.Semaphore(2 * self.cfg.thread_count)
+        scheduler = RowScheduler(
+            self.politeness,
+            urls,
+            lambda index, fetched: done.put((index, fetched)),
+            self.cfg.row_deadline,
+            self.cfg.retries,
+        )
+        workers = [
+            threading.Thread(target=self._fetch_loop, args=(scheduler, bodies, digests), daemon=True)
+            for _ in range(min(self.cfg.thread_count, len(urls)))
+        ]
+        for worker in workers:
+            worker.start()
+        try:
+            for _ in range(len(urls)):
+                index, fetched = self._next_result(done, workers)
                 try:
-                    results[index] = self.finish(fetched, digest)
+                    results[index] = self.finish(fetched, digests.pop(index, None))
                 except Exception as exc:  # noqa: BLE001 - per-row failures are values
                     results[index] = RowResult(DECODE_ERROR, f"{type(exc).__name__}: {exc}")
                 finally:
-                    slots.release()
+                    if fetched.data is not None:
+                        bodies.release()
+        finally:
+            scheduler.close()
+            for _ in workers:  # should this loop have stopped early, no thread waits for a slot
+                bodies.release()
+            for worker in workers:
+                worker.join()  # each is at most one request (bounded by its deadline) from done
         return [r if r is not None else RowResult(FAILED, "lost result") for r in results]
+
+    @staticmethod
+    def _next_result(done: queue.SimpleQueue, workers: list[threading.Thread]) -> tuple[int, FetchResult]:
+        while True:
+            try:
+                return done.get(timeout=1.0)
+            except queue.Empty:
+                if any(worker.is_alive() for worker in workers):
+                    continue
+                try:  # the last rows may have come in between the timeout and the check
+                    return done.get_nowait()
+                except queue.Empty:
+                    raise RuntimeError("download: every fetch thread ended with rows left") from None
+
+    def _fetch_loop(self, scheduler: RowScheduler, bodies: threading.Semaphore, digests: dict[int, str]) -> None:
+        policy = dataclasses.replace(self.cfg.fetch_policy(), retries=0)  # the scheduler retries
+        while True:
+            bodies.acquire()  # a body this thread fetches has a place to wait for the decode
+            ticket = scheduler.take()
+            if ticket is None:
+                bodies.release()
+                return
+            fetched = self._fetch_ticket(ticket, policy)
+            body = fetched.data is not None and not ticket.robots
+            if body and self.cfg.compute_sha256:
+                digests[ticket.index] = hashlib.sha256(fetched.data).hexdigest()
+            ended = scheduler.finish(ticket, fetched)
+            if not (ended and body):
+                bodies.release()  # otherwise the decode loop releases it once the body is used
+
+    def _fetch_ticket(self, ticket: Ticket, policy: FetchPolicy) -> FetchResult:
+        remaining = ticket.deadline - self.politeness.clock()
+        if remaining <= 0:
+            return FetchResult(ticket.url, reason=TIMEOUT, error="row deadline passed", retryable=True)
+        policy = dataclasses.replace(policy, deadline_s=min(policy.deadline_s, remaining))
+        if ticket.robots:  # rules, not content: no opt-out check, RFC 9309's 500 KiB
+            policy = dataclasses.replace(policy, max_bytes=ROBOTS_MAX_BYTES, respect_opt_out=False)
+        try:
+            return fetch(ticket.url, policy, self._resolver)
+        except Exception as exc:  # noqa: BLE001 - a bug for one url must not cost the shard
+            return FetchResult(ticket.url, reason=FAILED, error=f"{type(exc).__name__}: {exc}")
 
     def finish(self, fetched: FetchResult, digest: str | None) -> RowResult:
         """Turn fetched bytes into the stored image, or the reason there is none."""

@@ -9,7 +9,9 @@ between check and use (rebinding) cannot move it. Redirects are followed by hand
 checked the same way. A whole-request deadline is enforced on every socket read (a server dripping
 one byte per second cannot hold a thread past it), the body is streamed under a byte cap, and
 ``X-Robots-Tag``/``tdm-reservation`` opt-outs are honoured when the headers arrive, before the body.
-Failures are values: a ``FetchResult`` with a ``reason`` from the catalog's vocabulary.
+Failures are values: a ``FetchResult`` with a ``reason`` from the catalog's vocabulary; an HTTP
+error keeps its status and headers (``Retry-After``) for the caller's per-domain back-off
+(``stages.politeness``).
 Standard library only (``http.client``): no proxies from the environment can bypass the checks.
 """
 
@@ -116,32 +118,51 @@ def system_resolver(host: str) -> list[str]:
 class CachingResolver:
     """A per-process DNS cache with a TTL; failures are cached too, so dead domains cost one lookup.
 
-    Lookups happen outside the lock: one slow name must not stall every other thread."""
+    Lookups happen outside the lock, so one slow name cannot stall every other thread, and they are
+    single-flight: threads asking for a name that is being looked up wait for that answer instead
+    of sending the same query again (a shard's first rows often share a host)."""
 
     def __init__(self, resolve: Resolver = system_resolver, ttl_s: float = 300.0, max_entries: int = 65536):
         self._resolve = resolve
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._entries: OrderedDict[str, tuple[float, list[str] | OSError]] = OrderedDict()
+        self._pending: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
     def __call__(self, host: str) -> list[str]:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._entries.get(host)
-            if hit is not None and hit[0] > now:
-                self._entries.move_to_end(host)
-                answer = hit[1]
-                if isinstance(answer, OSError):
-                    raise answer
-                return list(answer)
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                hit = self._entries.get(host)
+                if hit is not None and hit[0] > now:
+                    self._entries.move_to_end(host)
+                    answer = hit[1]
+                    if isinstance(answer, OSError):
+                        raise answer
+                    return list(answer)
+                waiting = self._pending.get(host)
+                if waiting is None:
+                    lookup = self._pending[host] = threading.Event()
+            if waiting is None:
+                return self._lookup(host, now, lookup)
+            # Bounded by the lookup in flight, itself bounded by the resolver's own timeouts; if it
+            # ended without an answer (an unexpected error), this thread looks the name up itself.
+            waiting.wait()
+
+    def _lookup(self, host: str, now: float, done: threading.Event) -> list[str]:
         try:
-            answer = self._resolve(host)
-        except OSError as exc:
-            self._store(host, now, exc)
-            raise
-        self._store(host, now, list(answer))
-        return list(answer)
+            try:
+                answer = self._resolve(host)
+            except OSError as exc:
+                self._store(host, now, exc)
+                raise
+            self._store(host, now, list(answer))
+            return list(answer)
+        finally:
+            with self._lock:
+                self._pending.pop(host, None)
+            done.set()
 
     def _store(self, host: str, now: float, answer: list[str] | OSError) -> None:
         with self._lock:
@@ -478,8 +499,16 @@ def _request(target: Target, policy: FetchPolicy, clock: _Clock, url: str) -> Fe
                 raise FetchRefused(FAILED, f"HTTP {response.status} without Location")
             return location.strip()
         if not 200 <= response.status < 300:
-            transient = response.status >= 500 or response.status == 429
-            raise FetchRefused(FAILED, f"HTTP {response.status} {response.reason}", retryable=transient)
+            # A value, not an exception: the status and headers (Retry-After) drive the caller's
+            # per-domain back-off. The body of an error page is never read.
+            return FetchResult(
+                url,
+                reason=FAILED,
+                error=f"HTTP {response.status} {response.reason}",
+                status=response.status,
+                headers=headers,
+                retryable=response.status >= 500 or response.status == 429,
+            )
         if policy.respect_opt_out:
             opt_out = is_opted_out(response.headers, policy.user_agent_token)
             if opt_out:

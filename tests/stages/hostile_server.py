@@ -11,6 +11,7 @@ against ``server.images``. Use it as a context manager; it stops its handler thr
 
 from __future__ import annotations
 
+import email.utils
 import io
 import random
 import ssl
@@ -151,6 +152,23 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        self.started = time.monotonic()
+        self.timed = False
+        try:
+            self._dispatch()
+        finally:
+            if not self.timed:
+                self._time_it()
+
+    def _time_it(self) -> None:
+        # Logged as the response starts going out, so the log is complete before the client has
+        # the answer, and the interval ends before the client can start its next request: the
+        # overlaps counted are ones the client really had.
+        if not self.timed:
+            self.timed = True
+            self.server.owner.record_timing(self.path, self.started, time.monotonic())
+
+    def _dispatch(self) -> None:
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         self.server.owner.record(self.path, self.headers)
@@ -186,6 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
         length: int | None = None,
     ) -> None:
+        self._time_it()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -207,6 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def ep_drip(self, query) -> None:
         body = self.server.owner.images["ok.jpg"]
+        self._time_it()
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
         self.send_header("Content-Length", str(len(body)))
@@ -300,12 +320,61 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, self.server.owner.images["ok.jpg"], "image/jpeg", {"tdm-reservation": "1"})
 
     def ep_flaky(self, query) -> None:
-        # /flaky?key=K&fail=N: the first N requests for K get a 503, later ones the image.
+        # /flaky?key=K&fail=N[&code=429][&after=S|after=date:S]: the first N requests for K get
+        # `code` (503 by default), with a Retry-After of S seconds (or an HTTP-date S seconds ahead)
+        # when `after` is given; later ones get the image.
         key, fail = query.get("key", [""])[0], int(query.get("fail", ["1"])[0])
         if self.server.owner.count(f"flaky:{key}") <= fail:
-            self._send(503, b"busy\n", "text/plain")
+            headers = {}
+            after = query.get("after", [None])[0]
+            if after is not None and after.startswith("date:"):
+                headers["Retry-After"] = email.utils.formatdate(time.time() + float(after[5:]), usegmt=True)
+            elif after is not None:
+                headers["Retry-After"] = after
+            self._send(int(query.get("code", ["503"])[0]), b"busy\n", "text/plain", headers)
         else:
             self._send(200, self.server.owner.images["ok.jpg"], "image/jpeg")
+
+    def ep_sleep(self, query) -> None:
+        # /sleep?s=S: hold the request S seconds, then the image (makes concurrency visible).
+        time.sleep(float(query.get("s", ["0.2"])[0]))
+        self._send(200, self.server.owner.images["ok.jpg"], "image/jpeg")
+
+    def ep_robots_txt(self, query) -> None:
+        owner = self.server.owner
+        if owner.robots_location:
+            self._redirect(owner.robots_location)
+        elif owner.robots_txt is None:
+            self._send(404, b"not found\n", "text/plain")
+        else:
+            self._send(owner.robots_status, owner.robots_txt.encode(), "text/plain")
+
+    def ep_optout_drip(self, query) -> None:
+        # /optout-drip?tag=noai (or ?tdm=1): opt-out headers at once, then the body one byte per
+        # drip interval. A client that honours the headers hangs up before the body; the server
+        # notes how many body bytes it had sent when the connection was found closed.
+        body = self.server.owner.images["ok.jpg"]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        for value in query.get("tag", []):
+            self.send_header("X-Robots-Tag", value)
+        if "tdm" in query:
+            self.send_header("tdm-reservation", query["tdm"][0])
+        self.end_headers()
+        self.wfile.flush()
+        sent = 0
+        try:
+            for byte in body:
+                if self._stopping():
+                    return
+                time.sleep(self.server.owner.drip_interval_s)
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                sent += 1
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.owner.closed_early.append((self.path, sent))
+            raise
 
 
 _ROUTES = {
@@ -327,6 +396,9 @@ _ROUTES = {
     "/robots": _Handler.ep_robots,
     "/tdm": _Handler.ep_tdm,
     "/flaky": _Handler.ep_flaky,
+    "/sleep": _Handler.ep_sleep,
+    "/robots.txt": _Handler.ep_robots_txt,
+    "/optout-drip": _Handler.ep_optout_drip,
 }
 
 
@@ -360,6 +432,13 @@ class HostileServer:
         self.stopping = threading.Event()
         self.requests: list[str] = []  # every request's path, in arrival order
         self.request_headers: list[dict[str, str]] = []  # and its headers (lower-cased names)
+        # (path, started, ended) per finished request, server-side time.monotonic(): request rates
+        # and peak concurrency as the server saw them.
+        self.timings: list[tuple[str, float, float]] = []
+        self.closed_early: list[tuple[str, int]] = []  # (path, body bytes sent) for /optout-drip
+        self.robots_txt: str | None = None  # served at /robots.txt (None: 404)
+        self.robots_status = 200
+        self.robots_location: str | None = None  # redirect /robots.txt here instead
         self._counts: dict[str, int] = {}
         self._bombs: dict[int, bytes] = {}
         self._lock = threading.Lock()
@@ -401,6 +480,10 @@ class HostileServer:
         with self._lock:
             self.requests.append(path)
             self.request_headers.append({k.lower(): v for k, v in headers.items()})
+
+    def record_timing(self, path: str, started: float, ended: float) -> None:
+        with self._lock:
+            self.timings.append((path, started, ended))
 
     def count(self, key: str) -> int:
         with self._lock:
