@@ -80,9 +80,6 @@ class LocalExecutor:
     def share(self, value: Any) -> Any:
         return value
 
-    def close(self) -> None:
-        pass
-
 
 # Job arguments travel unpacked: Ray resolves object references only at the top level of a call.
 def _call_worker(cls: type, kwargs: dict[str, Any], method: str, shard: int, *args: Any) -> Any:
@@ -251,9 +248,6 @@ class RayExecutor:
                 replace(actor)
             failed(job, f"shard deadline of {self.cfg.shard_timeout_s:g}s passed"
                         + (" while the worker was still setting up" if still_starting else ""))
-
-    def close(self) -> None:
-        pass
 
 
 def make_executor(cfg: ExecutorConfig, ray_cfg: RayConfig) -> LocalExecutor | RayExecutor:
