@@ -491,7 +491,7 @@ def _request(target: Target, policy: FetchPolicy, clock: _Clock, url: str) -> Fe
         conn.putheader("Accept", "image/*,*/*;q=0.8")
         conn.putheader("Connection", "close")
         conn.endheaders()
-        response = conn.getresponse()
+        response = _get_response(conn)
         headers = _flat_headers(response.headers)
         if response.status in REDIRECT_STATUSES:
             location = response.headers.get("Location")
@@ -524,6 +524,21 @@ def _request(target: Target, policy: FetchPolicy, clock: _Clock, url: str) -> Fe
     finally:
         conn.close()
         raw_socket.close()
+
+
+def _get_response(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+    """The response, its headers read under http.client's own limits (64 KiB per line, 100 lines),
+    which stop a 1 MB header or thousands of header lines after reading at most ~6.5 MB. Past a
+    limit the server is broken or hostile and would answer the same again: not retryable."""
+    try:
+        return conn.getresponse()
+    except http.client.LineTooLong as exc:  # the status line or one header line
+        raise FetchRefused(FAILED, f"response headers too large: {exc}") from None
+    except http.client.HTTPException as exc:
+        if type(exc) is not http.client.HTTPException:
+            raise  # BadStatusLine, RemoteDisconnected ...: handled (and retried) by the caller
+        # The bare class is only raised for too many header lines ("got more than 100 headers").
+        raise FetchRefused(FAILED, f"response headers too large: {exc}") from None
 
 
 def _read_capped(response: http.client.HTTPResponse, max_bytes: int) -> bytes:

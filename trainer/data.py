@@ -11,7 +11,8 @@ Design (why it is not webdataset's buffer shuffle):
   launcher, process count and worker count with the same R (that is what lets a 2-process run
   match a 1-process run step for step).
 - Per-sample draws (caption choice, MetaCLIP keep, crop) are seeded by (seed, epoch, uid).
-Corrupt samples and shards are skipped and counted by reason, never fatal.
+Corrupt samples and shards are skipped and counted by reason, never fatal, unless a reader finds
+no usable sample at all: then the run stops with one line saying what was skipped and why.
 """
 
 from __future__ import annotations
@@ -241,6 +242,28 @@ class StreamSpec:
     use_keep_prob: bool = True
 
 
+class NoUsableSamples(ConfigError):
+    """A reader went through all of its shards without one usable sample (empty or undecodable)."""
+
+
+def no_usable_message(j: int, readers: int, shards: int, seen: int, skipped: Counter) -> str:
+    where = f"reader {j} of {readers}: its {shards} shard(s) of data.train"
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+    if seen == 0:
+        return (f"no usable training sample ({where} hold no readable samples{f': {reasons}' if reasons else ''}); "
+                "check the shards, or use fewer readers (data.readers, data.workers x processes) than non-empty shards")
+    return f"no usable training sample ({where} hold {seen} samples, every one skipped: {reasons}); check the shards"
+
+
+def one_line(error: NoUsableSamples) -> str:
+    """The reader's own message: a DataLoader worker's exception reaches the main process with its
+    traceback folded into the message, ending in ``trainer.data.NoUsableSamples: <message>``."""
+    lines = str(error).strip().splitlines()
+    last = lines[-1] if lines else ""
+    _, found, message = last.partition(f"{NoUsableSamples.__name__}: ")
+    return message if found else last
+
+
 @dataclass
 class Skipped:
     counts: Counter = field(default_factory=Counter)
@@ -284,12 +307,17 @@ class Reader:
         return [flat[p] for p in perm]
 
     def samples(self) -> Iterator[tuple[dict[str, Any], Cursor]]:
-        """Yield (sample, cursor after it); skipped samples are counted, not yielded."""
+        """Yield (sample, cursor after it); skipped samples are counted, not yielded.
+
+        A whole epoch without a usable sample raises NoUsableSamples: at once when nothing was
+        merely not drawn this epoch (keep_prob), else after a second such epoch. (The rest of an
+        epoch resumed part-way through may legitimately hold nothing: it does not count.)"""
         epoch, w, pos = self.cursor
         idle_epochs = 0
         while True:
             windows = self._windows(epoch)
-            yielded = False
+            whole_epoch = (w, pos) == (0, 0)
+            yielded, seen, skipped_before = False, 0, Counter(self.skipped.counts)
             while w < len(windows):
                 order = self._window_order(epoch, w, windows[w])
                 files = {s: self._open(s) for s in windows[w]}
@@ -297,6 +325,7 @@ class Reader:
                     while pos < len(order):
                         s, i = order[pos]
                         pos += 1
+                        seen += 1
                         sample = self._decode(files[s], self._index(s)[i], epoch) if files[s] else None
                         if sample is not None:
                             yielded = True
@@ -306,9 +335,16 @@ class Reader:
                         if f is not None:
                             f.close()
                 w, pos = w + 1, 0
-            idle_epochs = 0 if yielded else idle_epochs + 1
-            if idle_epochs >= 2:
-                raise RuntimeError(f"reader {self.j}: two epochs without a usable sample; check the shards")
+            if yielded:
+                idle_epochs = 0
+            elif whole_epoch:
+                idle_epochs += 1
+                skipped = Counter(self.skipped.counts)
+                skipped.subtract(skipped_before)  # this epoch's: with nothing yielded, nothing was cleared
+                skipped = +skipped
+                if idle_epochs >= 2 or not skipped["not_drawn_this_epoch"]:
+                    shards = len({s for window in windows for s in window})
+                    raise NoUsableSamples(no_usable_message(self.j, self.spec.readers, shards, seen, skipped))
             epoch, w, pos = epoch + 1, 0, 0
 
     def _decode(self, f: io.BufferedReader, ref: SampleRef, epoch: int) -> dict[str, Any] | None:
@@ -484,7 +520,10 @@ class TrainLoader:
         self._it = iter(self._loader)
 
     def next_batch(self) -> dict[str, Any]:
-        parts = [next(self._it) for _ in range(self.hosts)]  # workers answer round-robin, in order
+        try:
+            parts = [next(self._it) for _ in range(self.hosts)]  # workers answer round-robin, in order
+        except NoUsableSamples as error:  # from a DataLoader worker: its traceback is in the message
+            raise NoUsableSamples(one_line(error)) from None
         for p in parts:
             self.cursors.update({j: tuple(c) for j, c in p["cursors"].items()})
             self.skipped.update(p["skipped"])

@@ -210,6 +210,14 @@ def run_worker(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     autocast, scaler = autocast_for(cfg, device)
     seed_everything(cfg.seed)
 
+    # The data first: an empty training set fails now, not after a model has loaded.
+    shards = expand_shards(cfg.data.train)
+    sizes = shard_sizes(shards)
+    total_samples = sum(sizes)
+    if total_samples == 0:
+        raise ConfigError(f"no training samples: the {len(shards)} shard(s) of data.train ({cfg.data.train}) "
+                          "are empty; point data.train at the shards a pipeline run wrote (<run>/shards)")
+
     bundle = build_model(cfg.model, cfg.pretrained, cfg.loss, device)
     model = bundle.model
     model.output_dict = True
@@ -217,9 +225,6 @@ def run_worker(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         model.set_grad_checkpointing(True)
     optimizer = make_optimizer(model, cfg, device)
 
-    shards = expand_shards(cfg.data.train)
-    sizes = shard_sizes(shards)
-    total_samples = sum(sizes)
     per_epoch = steps_per_epoch(total_samples, cfg.batch_size)
     total_steps = cfg.steps or max(1, round(cfg.epochs * per_epoch))
     hosts = max(1, cfg.data.workers)

@@ -1,7 +1,8 @@
 """A real HTTP server on 127.0.0.1 that misbehaves on purpose, for download tests and benchmarks.
 
 Each endpoint is one way the web goes wrong (slow drips, endless or lying bodies, redirect games,
-HTML served as JPEG, decompression bombs, opt-out headers); ``ENDPOINTS`` documents the reason a
+HTML served as JPEG, decompression bombs in the image or in Content-Encoding, headers too big to
+parse, opt-out headers); ``ENDPOINTS`` documents the reason a
 careful downloader should give for each. The images are drawn at start-up, so tests can compare
 against ``server.images``. Use it as a context manager; it stops its handler threads on exit.
 
@@ -53,11 +54,21 @@ ENDPOINTS: dict[str, str | None] = {
     "/truncated.jpg": "decode_error",
     "/corrupt.jpg": "decode_error",
     "/bomb.png": "image_too_large",
+    # Content-Encoding bombs, sent although we ask for identity: never inflated, so the body is
+    # a few MB of compressed bytes that are no image.
+    "/gzip-bomb": "not_an_image",
+    "/deflate-bomb": "not_an_image",
+    "/gzip-bomb.jpg": "not_an_image",  # the same, labelled Content-Type: image/jpeg
+    "/huge-header": "failed_to_download",  # one 1 MB header line
+    "/many-headers": "failed_to_download",  # 5,000 header lines
     "/noai": "opt_out",
     "/tdm": "opt_out",
 }
 
 BOMB_SIDE = 50_000
+ENCODING_BOMB_SIZE = 2 << 30  # what /gzip-bomb and /deflate-bomb inflate to: 2 GiB of zeros (~2 MB sent)
+HUGE_HEADER_BYTES = 1 << 20
+MANY_HEADERS = 5_000
 EXIF_ORIENTATION = 0x0112
 
 
@@ -101,6 +112,65 @@ def png_bomb(side: int, rows_per_block: int = 0) -> bytes:
         stream = head + repeated * (blocks - 1) + tail[:-4] + adler
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")
+
+
+def encoding_bomb(size: int, wrapper: str = "gzip", block_size: int = 1 << 20) -> bytes:
+    """A valid gzip (RFC 1952) or zlib (HTTP's "deflate", RFC 1950) stream of ``size`` zero bytes,
+    about 1,000 times smaller. As in ``png_bomb``, one full-flushed compressed block is repeated
+    instead of compressing gigabytes, and the checksums of all zeros are computed, not summed up,
+    so the 2 GiB bombs take milliseconds to make."""
+    if wrapper not in ("gzip", "deflate"):
+        raise ValueError(f"wrapper must be gzip or deflate, not {wrapper!r}")
+    block = bytes(min(block_size, max(size, 1)))
+    blocks, remainder = divmod(size, len(block))
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31 if wrapper == "gzip" else 15)
+    if blocks == 0:
+        stream = compressor.compress(bytes(remainder)) + compressor.flush(zlib.Z_FINISH)
+    else:
+        head = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)  # with the header
+        repeated = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH) if blocks > 1 else b""
+        tail = compressor.compress(bytes(remainder)) + compressor.flush(zlib.Z_FINISH)
+        stream = head + repeated * (blocks - 1) + tail
+    if wrapper == "deflate":
+        return stream[:-4] + struct.pack(">I", ((size % 65521) << 16) | 1)  # adler32 of all zeros
+    return stream[:-8] + struct.pack("<II", crc32_of_zeros(size), size & 0xFFFFFFFF)  # CRC-32, ISIZE
+
+
+_CRC32_POLY = 0xEDB88320  # reflected, as zlib
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial (zlib's multmodp; ``a`` is never 0 here)."""
+    m, product = 1 << 31, 0
+    while True:
+        if a & m:
+            product ^= b
+            if a & (m - 1) == 0:
+                return product
+        m >>= 1
+        b = (b >> 1) ^ _CRC32_POLY if b & 1 else b >> 1
+
+
+def _crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """CRC-32 of A + B from crc(A), crc(B) and len(B) (zlib's crc32_combine)."""
+    shift, power, n = 1 << 31, 1 << 30, length2 * 8  # x^0; x^1; bits of B
+    while n:
+        if n & 1:
+            shift = _multmodp(power, shift)
+        power = _multmodp(power, power)
+        n >>= 1
+    return _multmodp(shift, crc1) ^ crc2
+
+
+def crc32_of_zeros(size: int) -> int:
+    """``zlib.crc32(bytes(size))`` without the bytes: built up from runs of 2^k zeros."""
+    crc, run, run_crc = 0, 1, zlib.crc32(b"\0")
+    while size:
+        if size & 1:
+            crc = _crc32_combine(crc, run_crc, run)
+        run_crc, run = _crc32_combine(run_crc, run_crc, run), run * 2
+        size >>= 1
+    return crc
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -302,6 +372,37 @@ class _Handler(BaseHTTPRequestHandler):
         side = int(query.get("side", [str(BOMB_SIDE)])[0])
         self._send(200, self.server.owner.bomb(side), "image/png")
 
+    def _encoding_bomb(self, wrapper: str, content_type: str) -> None:
+        # Compressed although the request said "Accept-Encoding: identity": a client that inflates
+        # it anyway holds ENCODING_BOMB_SIZE bytes.
+        body = self.server.owner.encoding_bomb(wrapper)
+        self._send(200, body, content_type, {"Content-Encoding": wrapper})
+
+    def ep_gzip_bomb(self, query) -> None:
+        self._encoding_bomb("gzip", "text/html")
+
+    def ep_deflate_bomb(self, query) -> None:
+        self._encoding_bomb("deflate", "text/html")
+
+    def ep_gzip_bomb_jpg(self, query) -> None:
+        self._encoding_bomb("gzip", "image/jpeg")
+
+    def ep_huge_header(self, query) -> None:
+        # One header line of HUGE_HEADER_BYTES, then a good image: http.client stops at 64 KiB.
+        body = self.server.owner.images["ok.jpg"]
+        self._time_it()
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Filler: ")
+        self.wfile.write(b"a" * HUGE_HEADER_BYTES)
+        self.wfile.write(b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+
+    def ep_many_headers(self, query) -> None:
+        # MANY_HEADERS short header lines, then a good image: http.client stops after 100.
+        body = self.server.owner.images["ok.jpg"]
+        self._time_it()
+        lines = b"".join(b"X-Filler-%d: %d\r\n" % (i, i) for i in range(MANY_HEADERS))
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n" + lines)
+        self.wfile.write(b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+
     def ep_noai(self, query) -> None:
         self._send(200, self.server.owner.images["ok.jpg"], "image/jpeg", {"X-Robots-Tag": "noai"})
 
@@ -392,6 +493,11 @@ _ROUTES = {
     "/svg-as-jpeg": _Handler.ep_svg,
     "/empty.jpg": _Handler.ep_empty,
     "/bomb.png": _Handler.ep_bomb,
+    "/gzip-bomb": _Handler.ep_gzip_bomb,
+    "/deflate-bomb": _Handler.ep_deflate_bomb,
+    "/gzip-bomb.jpg": _Handler.ep_gzip_bomb_jpg,
+    "/huge-header": _Handler.ep_huge_header,
+    "/many-headers": _Handler.ep_many_headers,
     "/noai": _Handler.ep_noai,
     "/robots": _Handler.ep_robots,
     "/tdm": _Handler.ep_tdm,
@@ -441,6 +547,7 @@ class HostileServer:
         self.robots_location: str | None = None  # redirect /robots.txt here instead
         self._counts: dict[str, int] = {}
         self._bombs: dict[int, bytes] = {}
+        self._encoding_bombs = {w: encoding_bomb(ENCODING_BOMB_SIZE, w) for w in ("gzip", "deflate")}
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -495,3 +602,7 @@ class HostileServer:
             if side not in self._bombs:
                 self._bombs[side] = png_bomb(side)
             return self._bombs[side]
+
+    def encoding_bomb(self, wrapper: str) -> bytes:
+        """The /gzip-bomb or /deflate-bomb body (built at start-up)."""
+        return self._encoding_bombs[wrapper]

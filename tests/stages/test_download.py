@@ -188,6 +188,47 @@ def test_bomb_is_refused_from_its_header_without_decoding(server):
     assert decoded_peak > 60
 
 
+def _process_memory_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def test_encoding_bombs_and_huge_headers_end_in_their_reason_with_bounded_memory(server):
+    """Bodies compressed against our Accept-Encoding (2 GiB once inflated, as gzip, deflate or
+    labelled image/jpeg) and headers of 1 MB or 5,000 lines: each row ends in its documented reason
+    within the deadline while this worker's traced heap and its real peak RSS stay small."""
+    paths = ["/gzip-bomb", "/deflate-bomb", "/gzip-bomb.jpg", "/huge-header", "/many-headers"]
+    stage = make_stage()
+    stage.setup()
+    try:  # Linux: writing 5 resets VmHWM, the process's peak resident set, to the current RSS
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        rss_before_kb = _process_memory_kb("VmRSS")
+    except OSError:
+        rss_before_kb = None
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        rows = run(stage, [server.url(p) for p in paths * 2]).to_pylist()
+        elapsed = time.monotonic() - started
+        traced_peak_mb = tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+    assert [r["reason"] for r in rows] == [ENDPOINTS[p] for p in paths * 2]
+    for path, row in zip(paths * 2, rows):
+        assert row["status"] == "failed" and row["image"] is None and row["width"] is None
+        if "bomb" in path:
+            assert row["error"].startswith("not an image: unknown format, starts with b'" + (
+                "\\x1f\\x8b" if "gzip" in path else "x\\xda"))
+        else:
+            assert row["error"].startswith("response headers too large: got more than")
+    assert elapsed < DEADLINE_S
+    assert traced_peak_mb < 40  # 6 compressed bodies of 2 MB, a copy each; one inflated bomb is 2,147 MB
+    if rss_before_kb is not None:
+        rss_growth_mb = (_process_memory_kb("VmHWM") - rss_before_kb) / 1024
+        assert rss_growth_mb < 256, rss_growth_mb
+
+
 def test_pil_guard_is_set_from_max_pixels():
     stage = make_stage(max_pixels=1234567)
     stage.setup()

@@ -14,10 +14,12 @@ import socket
 import ssl
 import subprocess
 import time
+import tracemalloc
+import zlib
 from urllib.parse import quote
 
 import pytest
-from hostile_server import HostileServer
+from hostile_server import ENCODING_BOMB_SIZE, HostileServer, encoding_bomb
 
 from stages.fetch import (
     BAD_URL,
@@ -396,6 +398,71 @@ def test_short_content_length_truncates_the_body(server):
     result = fetch(server.url("/lie-short"), LOOPBACK_OK)
     assert result.ok
     assert result.data == server.images["ok.jpg"][: len(server.images["ok.jpg"]) // 2]
+
+
+@pytest.mark.parametrize("wrapper", ["gzip", "deflate"])
+def test_encoding_bomb_helper_builds_a_valid_stream(wrapper):
+    # The server's bombs are built like this at 2 GiB; at 40 MB they can be inflated in full here.
+    size = 40_000_123
+    stream = encoding_bomb(size, wrapper, block_size=1 << 20)
+    inflated = zlib.decompress(stream, 31 if wrapper == "gzip" else 15)  # checks CRC-32 / Adler-32 too
+    assert len(inflated) == size and inflated.count(0) == size
+    assert len(stream) < size // 500
+
+
+@pytest.mark.parametrize(
+    "path, wrapper, content_type",
+    [("/gzip-bomb", "gzip", "text/html"), ("/deflate-bomb", "deflate", "text/html"),
+     ("/gzip-bomb.jpg", "gzip", "image/jpeg")],
+)
+def test_content_encoding_bomb_is_never_inflated(server, path, wrapper, content_type):
+    """We ask for identity; a server that compresses anyway gets its few MB stored as sent, never
+    the 2 GiB they inflate to."""
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        result = fetch(server.url(path), FetchPolicy(allow_loopback=True, deadline_s=2.0, max_bytes=5_000_000))
+        elapsed = time.monotonic() - started
+        peak_mb = tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+    assert server.request_headers[server.requests.index(path)]["accept-encoding"] == "identity"
+    assert result.ok, result.error
+    assert result.headers["content-encoding"] == wrapper and result.headers["content-type"] == content_type
+    assert result.data == server.encoding_bomb(wrapper)  # the compressed bytes, byte for byte
+    assert len(result.data) < 3_000_000 and elapsed < 2.0
+    assert peak_mb < 16  # the body and one copy; inflating would take 2,147 MB
+    # and it is a real bomb: its first 64 KiB alone inflate to over 32 MB of zeros
+    head = zlib.decompressobj(31 if wrapper == "gzip" else 15).decompress(result.data[:65536], 64 << 20)
+    assert len(head) > 32 << 20 and head.count(0) == len(head)
+    isize_or_adler = result.data[-4:]
+    if wrapper == "gzip":
+        assert int.from_bytes(isize_or_adler, "little") == ENCODING_BOMB_SIZE % 2**32
+
+
+@pytest.mark.parametrize(
+    "path, detail",
+    [("/huge-header", "got more than 65536 bytes when reading header line"),
+     ("/many-headers", "got more than 100 headers")],
+)
+def test_oversized_headers_fail_at_once_without_retries(server, path, detail):
+    """A 1 MB header line or 5,000 header lines: a per-row failure saying so, stopped by
+    http.client's limits after at most 64 KiB / 100 lines, and not retried (the server would
+    answer the same)."""
+    before = server.requests.count(path)
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        result = fetch(server.url(path), FetchPolicy(allow_loopback=True, deadline_s=2.0, retries=2))
+        elapsed = time.monotonic() - started
+        peak_mb = tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+    assert result.reason == FAILED and result.data is None
+    assert result.error == f"response headers too large: {detail}"
+    assert not result.retryable
+    assert server.requests.count(path) - before == 1
+    assert elapsed < 1.0 and peak_mb < 2
 
 
 def test_redirect_chain_within_limit_is_followed(server):

@@ -195,3 +195,62 @@ def test_tar_index_matches_tarfile_for_every_tar_format(tmp_path, fmt):
     with open(path, "rb") as f:
         contents = [v for r in refs for v in read_members(f, r).values()]
     assert contents == [bytes([i]) * (700 + i) for i in range(4)]
+
+
+# ---------------------------------------------------------------- no usable sample at all
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stream_without_one_usable_sample_stops_after_one_epoch_with_the_reasons(tmp_path, workers):
+    """Every image undecodable: the reader stops after one pass (80 samples, not two epochs' 160)
+    and says what it skipped, in one line, also when it ran in a DataLoader worker process."""
+    from trainer.data import NoUsableSamples, TrainTransform
+
+    write_shards(tmp_path / "s", 80, 20, seed=6, corrupt_every=1)
+    tf = TrainTransform({"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+    loader = TrainLoader(spec_for(tmp_path / "s", readers=1, chunk=16), 1, 0, workers, None, tf, None)
+    try:
+        with pytest.raises(NoUsableSamples) as caught:
+            loader.next_batch()
+    finally:
+        loader.close()
+    assert str(caught.value) == ("no usable training sample (reader 0 of 1: its 4 shard(s) of data.train hold "
+                                 "80 samples, every one skipped: 80 decode_error); check the shards")
+    assert isinstance(caught.value, ConfigError)  # the CLIs print it as one line
+
+
+def _keep_prob_drawn_only_in(epoch: int, seed: int = 0):
+    """``extra`` for write_shards: a keep_prob that the (seed, epoch, uid) draw passes in ``epoch``
+    and in no earlier epoch, or 0.0 (never drawn) where that cannot be arranged."""
+    def extra(i: int, meta: dict) -> dict:
+        draws = [unit_draw(seed, e, meta["uid"], "keep") for e in range(epoch + 1)]
+        ok = all(d > draws[-1] + 1e-9 for d in draws[:-1])
+        return {**meta, "keep_prob": draws[-1] + 1e-9 if ok else 0.0}
+    return extra
+
+
+def test_an_epoch_with_nothing_drawn_gets_a_second_chance_then_stops(tmp_path):
+    """keep_prob can leave an epoch empty by chance, so only two such epochs in a row stop the reader."""
+    from trainer.data import NoUsableSamples, Reader
+
+    write_shards(tmp_path / "late", 40, 20, seed=7, extra=_keep_prob_drawn_only_in(1))
+    spec = spec_for(tmp_path / "late", readers=1, chunk=4)
+    drawn_in_epoch_1 = {json.loads(raw["json"])["uid"] for s in spec.shards for _, raw in iter_tar_samples(s)
+                        if json.loads(raw["json"])["keep_prob"] > 0}
+    assert len(drawn_in_epoch_1) >= 5
+    sample, (epoch, _, _) = next(Reader(spec, 0, (0, 0, 0), None).samples())
+    assert epoch == 1 and sample["uid"] in drawn_in_epoch_1
+
+    write_shards(tmp_path / "never", 40, 20, seed=7, extra=lambda i, m: {**m, "keep_prob": 0.0})
+    with pytest.raises(NoUsableSamples, match=r"hold 40 samples, every one skipped: 40 not_drawn_this_epoch\)"):
+        next(Reader(spec_for(tmp_path / "never", readers=1, chunk=4), 0, (0, 0, 0), None).samples())
+
+
+def test_resuming_at_the_end_of_an_epoch_is_not_an_empty_epoch(tmp_path):
+    """A cursor at the last position of an epoch leaves nothing to read in it: that is no reason to stop."""
+    write_shards(tmp_path / "s", 40, 20, seed=8)
+    spec = spec_for(tmp_path / "s", readers=1, chunk=8)  # shuffle_shards=2: one window of 40 per epoch
+    loader = caption_loader(spec, cursors={0: (0, 0, 40)})
+    batch = loader.next_batch()
+    assert len(batch["uids"]) == 8 and loader.cursors[0] == (1, 0, 8)
+    assert batch["uids"] == caption_loader(spec, cursors={0: (1, 0, 0)}).next_batch()["uids"]

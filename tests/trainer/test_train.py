@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from synth_shards import REPO, tiny_config
+from synth_shards import REPO, tiny_config, write_shards
 
 from trainer.config import ConfigError, build_config, load_config
 from trainer.train import TrainResult, train
@@ -145,8 +145,9 @@ def test_config_errors_are_one_line(tmp_path):
     assert cfg.data.workers == 2 and cfg.loss == "siglip"
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+    one_sample = {"train": str(write_shards(tmp_path / "one", 1, 1))}  # the data is checked first
     with pytest.raises(ConfigError, match="unknown open_clip model"):
-        train(build_config({**base, "model": "no-such-model"}))
+        train(build_config({**base, "model": "no-such-model", "data": one_sample}))
 
 
 def test_every_shipped_train_config_validates():
@@ -163,3 +164,46 @@ def test_trainer_never_imports_pipeline_or_stages():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in ("pipeline", "stages"), f"{path.name} imports {name}"
+
+
+def _cli(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_training_on_undecodable_shards_fails_fast_with_one_line(tmp_path, capsys):
+    """Every image corrupt: the trainer CLI stops at the first batch with exit 1 and one line
+    saying why (one pass over the data, not two), before any step is logged or checkpointed."""
+    from trainer.cli import main
+
+    write_shards(tmp_path / "bad", 60, 30, seed=9, corrupt_every=1)
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_config(tmp_path / "out", tmp_path / "bad", steps=50)))
+    assert main(["train", str(cfg_file), "data.workers=1"]) == 1  # the reader runs in a DataLoader worker
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: no usable training sample (reader 0 of 1: its 2 shard(s) of data.train hold "
+                      "60 samples, every one skipped: 60 decode_error); check the shards"]
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+    assert not list((tmp_path / "out").glob("checkpoints/*.pt")) and not (tmp_path / "out" / "final").exists()
+
+
+def test_training_on_empty_shards_fails_before_the_model_loads(tmp_path):
+    """Shards without a sample: `pairsift train` (a real process) exits 2 with one line, before it
+    builds the model."""
+    import tarfile
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        tarfile.open(empty / name, "w").close()  # no sizes.json: the tars themselves are counted
+    cfg_file = tmp_path / "empty.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_config(tmp_path / "out", empty)))
+    proc = _cli(["pipeline", "train", str(cfg_file)])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: no training samples: the 2 shard(s) of data.train ({empty}) are empty; point data.train at "
+        "the shards a pipeline run wrote (<run>/shards)"]  # nothing else: not even open_clip's model warning
+    assert not (tmp_path / "out").exists()
