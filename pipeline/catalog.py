@@ -16,13 +16,14 @@ import duckdb
 
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
+from stages.storage import AnyPath, is_remote
 
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _glob(path: Path) -> str:
+def _glob(path: AnyPath) -> str:
     return str(path).replace("'", "''")
 
 
@@ -39,6 +40,9 @@ def open_catalog(run_root: str | Path) -> duckdb.DuckDBPyConnection:
     if "ingest" not in labels:
         raise UserError(f"{run.root}: no ingested rows yet; run the pipeline first")
     con = duckdb.connect()
+    if is_remote(run.root):
+        # DuckDB reads through the run's own fsspec filesystem: no httpfs extension to download.
+        con.register_filesystem(run.root.fs)
     for label in labels:
         con.execute(f"CREATE VIEW {_quote(label)} AS SELECT * FROM "
                     f"read_parquet('{_glob(run.stage_dir(label))}/part-*.parquet', union_by_name=true)")

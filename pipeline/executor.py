@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import ExecutorConfig, RayConfig
 from stages.base import Resources
+from stages.storage import storage_env
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,9 @@ class RayExecutor:
                 f"the stage asks for {spec.resources.gpus} GPU per worker but the Ray cluster has none; "
                 "set gpus: 0 to run it on CPU"
             )
-        options = {"num_cpus": spec.resources.cpus, "num_gpus": spec.resources.gpus}
+        options: dict[str, Any] = {"num_cpus": spec.resources.cpus, "num_gpus": spec.resources.gpus}
+        if forwarded := storage_env():  # workers write the same bucket with the driver's endpoint and keys
+            options["runtime_env"] = {"env_vars": forwarded}
         n_workers = min(len(jobs), self._capacity(spec.resources))
         queue = list(jobs)
         errors: dict[int, list[str]] = {job.shard: [] for job in jobs}

@@ -40,6 +40,16 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, ShardDone, write_atomic
+from stages.storage import (
+    AnyPath,
+    as_path,
+    is_remote,
+    open_binary,
+    parquet_file,
+    publish,
+    read_parquet,
+    remove,
+)
 
 TAKEDOWNS = "takedowns.parquet"  # every uid ever taken down: the catalog's and verify's input
 TAKEDOWN_LOG = "takedowns.jsonl"  # the audit log: what was removed, when, from which shard
@@ -122,16 +132,17 @@ def _csv_ids(path: Path, column: str, delimiter: str) -> set[str]:
 
 # --- files -----------------------------------------------------------------------------------
 
-def _tmp_beside(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _tmp_for(path: AnyPath) -> Path:
+    """Beside ``path`` on local disk (so the rename is atomic); in the temp dir for an object store."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=None if is_remote(path) else path.parent)
     os.close(fd)
     return Path(tmp)
 
 
 @contextmanager
-def _temporaries(*paths: Path) -> Iterator[list[Path]]:
-    """Temporary files beside ``paths``; whatever the block leaves unrenamed is removed."""
-    temps = [_tmp_beside(p) for p in paths]
+def _temporaries(*paths: AnyPath) -> Iterator[list[Path]]:
+    """Local temporary files for ``paths``; whatever the block leaves unpublished is removed."""
+    temps = [_tmp_for(p) for p in paths]
     try:
         yield temps
     finally:
@@ -139,10 +150,10 @@ def _temporaries(*paths: Path) -> Iterator[list[Path]]:
             tmp.unlink(missing_ok=True)
 
 
-def _commit(temps: list[Path], finals: list[Path]) -> None:
-    """Rename finished temporaries into place (each rename is atomic)."""
+def _commit(temps: list[Path], finals: list[AnyPath]) -> None:
+    """Move finished temporaries into place (each move is atomic: a rename, or one whole upload)."""
     for tmp, final in zip(temps, finals):
-        os.replace(tmp, final)
+        publish(tmp, final)
 
 
 def sample_key(member_name: str) -> str:
@@ -151,11 +162,12 @@ def sample_key(member_name: str) -> str:
     return head + slash + base.split(".", 1)[0]
 
 
-def copy_tar_members(src: Path, dst: Path, keep: Callable[[str], bool]) -> list[str]:
+def copy_tar_members(src: AnyPath, dst: Path, keep: Callable[[str], bool]) -> list[str]:
     """Stream the members of ``src`` whose key ``keep`` accepts into a new tar at ``dst``, header and
     bytes unchanged (nothing is decoded). Returns the kept keys in order."""
     kept: list[str] = []
-    with tarfile.open(src, "r|") as source, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as out:
+    with open_binary(src) as handle, tarfile.open(fileobj=handle, mode="r|") as source, \
+            tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as out:
         for member in source:
             source.members.clear()  # tarfile keeps every header it read: memory would grow with the tar
             key = sample_key(member.name)
@@ -168,13 +180,13 @@ def copy_tar_members(src: Path, dst: Path, keep: Callable[[str], bool]) -> list[
     return kept
 
 
-def tar_keys(path: Path) -> set[str]:
+def tar_keys(path: AnyPath) -> set[str]:
     """The sample keys in a tar, from its headers only (seeks over the data)."""
-    with tarfile.open(path) as tar:
+    with open_binary(path) as handle, tarfile.open(fileobj=handle) as tar:
         return {sample_key(m.name) for m in tar}
 
 
-def _shard_names(shards_dir: Path) -> list[str]:
+def _shard_names(shards_dir: AnyPath) -> list[str]:
     sizes_path = shards_dir / "sizes.json"
     try:
         sizes = json.loads(sizes_path.read_text())
@@ -183,16 +195,16 @@ def _shard_names(shards_dir: Path) -> list[str]:
     return sorted(sizes)
 
 
-def _read_shard_table(tar_path: Path, columns: list[str] | None = None, need: tuple[str, ...] = ("uid",)) -> pa.Table:
+def _read_shard_table(tar_path: AnyPath, columns: list[str] | None = None, need: tuple[str, ...] = ("uid",)) -> pa.Table:
     """A shard's parquet (only ``columns`` if given), which must have the ``need`` columns."""
     table_path = tar_path.with_suffix(".parquet")
     if not table_path.exists():
         raise UserError(f"{table_path}: missing; every shard's parquet must sit beside its tar (`pairsift verify`)")
-    names = pq.read_schema(table_path).names
+    names = parquet_file(table_path).schema_arrow.names
     for name in set(need) | set(columns or ()):
         if name not in names:
             raise UserError(f"{table_path}: has no '{name}' column, so samples cannot be selected by it")
-    return pq.read_table(table_path, columns=columns)
+    return read_parquet(table_path, columns=columns)
 
 
 def _id_array(ids: set[str]) -> pa.Array:
@@ -222,26 +234,38 @@ class SubsetSummary:
                 f"({self.listed:,} ids listed, {self.not_found:,} not in the run)")
 
 
-def _source_shards(run_dir: Path) -> Path:
+def _source_shards(run_dir: AnyPath) -> AnyPath:
     """A run directory, or a shards directory itself (so a subset can be subset again)."""
-    run_dir = Path(run_dir)
+    run_dir = _location(run_dir)
     return run_dir if (run_dir / "sizes.json").exists() else RunDir(run_dir).shards_dir
 
 
-def _prepare_out(out: Path, source: Path) -> None:
-    if out.resolve() == source.resolve() or out.resolve() == source.parent.resolve():
+def _resolved(path: AnyPath) -> str:
+    return str(path) if is_remote(path) else str(path.resolve())
+
+
+def _location(location: str | AnyPath) -> AnyPath:
+    try:
+        return as_path(location)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _prepare_out(out: AnyPath, source: AnyPath) -> None:
+    if _resolved(out) in (_resolved(source), _resolved(source.parent)):
         raise UserError(f"--out {out}: must not be the run or its shards directory; pick a new directory")
     if out.exists():
         foreign = [p.name for p in out.iterdir() if not _SUBSET_FILES.fullmatch(p.name)]
         if foreign:
             raise UserError(f"--out {out}: not empty and not an earlier subset ({foreign[0]} ...); pick a new directory")
-        (out / "subset.json").unlink(missing_ok=True)  # incomplete until written again, last
+        remove(out / "subset.json")  # incomplete until written again, last
         for stale in out.glob(".*.tmp"):
-            stale.unlink()
+            remove(stale)
     out.mkdir(parents=True, exist_ok=True)
 
 
-def subset(run_dir: Path, uids: Path | None, urls: Path | None, exclude: bool, out: Path) -> SubsetSummary:
+def subset(run_dir: str | AnyPath, uids: Path | None, urls: Path | None, exclude: bool,
+           out: str | AnyPath) -> SubsetSummary:
     """Write new shards into ``out`` holding the listed samples (all but them with ``exclude``).
 
     One output shard per input shard that keeps a sample, numbered from 00000, each with its parquet,
@@ -251,7 +275,7 @@ def subset(run_dir: Path, uids: Path | None, urls: Path | None, exclude: bool, o
     column = "uid" if uids is not None else "url"
     list_path = Path(uids if uids is not None else urls)  # type: ignore[arg-type]
     ids = read_id_list(list_path, column)
-    source, out = _source_shards(Path(run_dir)), Path(out)
+    source, out = _source_shards(run_dir), _location(out)
     names = _shard_names(source)
     _prepare_out(out, source)
     found: set[str] = set()
@@ -271,17 +295,17 @@ def subset(run_dir: Path, uids: Path | None, urls: Path | None, exclude: bool, o
         sizes[target.name] = chosen.num_rows
     for stale in out.glob("[0-9]*.*"):  # an earlier, larger subset into the same directory
         if stale.name.split(".")[0].isdigit() and f"{stale.name.split('.')[0]}.tar" not in sizes:
-            stale.unlink()
+            remove(stale)
     write_atomic(out / "sizes.json", json.dumps(sizes, indent=1))
     summary = SubsetSummary(str(out), len(ids), len(ids - found), len(names), len(sizes), samples_in,
                             sum(sizes.values()))
     write_atomic(out / "subset.json", json.dumps({
-        "source": str(source.resolve()), "list": str(list_path.resolve()), "by": column, "exclude": exclude,
+        "source": _resolved(source), "list": str(list_path.resolve()), "by": column, "exclude": exclude,
         "created_at": time.time(), **{k: v for k, v in summary.__dict__.items() if k != "out"}}, indent=1))
     return summary
 
 
-def _copy_shard(src_tar: Path, dst_tar: Path, chosen: pa.Table) -> None:
+def _copy_shard(src_tar: AnyPath, dst_tar: AnyPath, chosen: pa.Table) -> None:
     keep = set(chosen.column("uid").to_pylist())
     dst_parquet = dst_tar.with_suffix(".parquet")
     with _temporaries(dst_tar, dst_parquet) as (tmp_tar, tmp_parquet):
@@ -310,17 +334,21 @@ class TakedownSummary:
                 f"{self.image_tars_rewritten} image tars; logged {self.logged:,}")
 
 
-def taken_down_uids(run_root: str | Path) -> set[str]:
+def taken_down_uids(run_root: str | AnyPath) -> set[str]:
     """Every uid a takedown removed from the run (empty when none): rows the catalog marks 'takedown'."""
-    path = Path(run_root) / TAKEDOWNS
+    path = as_path(run_root) / TAKEDOWNS
     if not path.exists():
         return set()
-    return set(pq.read_table(path, columns=["uid"]).column("uid").to_pylist())
+    return set(read_parquet(path, columns=["uid"]).column("uid").to_pylist())
 
 
 @contextmanager
 def _run_lock(run: RunDir) -> Iterator[None]:
-    """One takedown at a time per run; the OS drops the lock if the process dies."""
+    """One takedown at a time per run; the OS drops the lock if the process dies. Object stores
+    have no such lock: there, running one takedown at a time is the operator's job (README)."""
+    if is_remote(run.root):
+        yield
+        return
     with open(run.root / ".takedown.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -329,7 +357,7 @@ def _run_lock(run: RunDir) -> Iterator[None]:
         yield
 
 
-def takedown(run_dir: Path, urls: Path) -> TakedownSummary:
+def takedown(run_dir: str | AnyPath, urls: Path) -> TakedownSummary:
     """Remove every sample whose url is listed from the run in place; see the module note."""
     run = RunDir(run_dir)
     meta = run.read_run_json()
@@ -365,14 +393,14 @@ def _plan(run: RunDir, names: list[str], urls: set[str]) -> tuple[pa.Table, int,
     """Add every uid with a listed url to takedowns.parquet before removing anything; return the
     whole table (earlier takedowns included, so an interrupted one is finished too)."""
     path = run.root / TAKEDOWNS
-    known = pq.read_table(path).cast(TAKEDOWN_SCHEMA) if path.exists() else TAKEDOWN_SCHEMA.empty_table()
+    known = read_parquet(path).cast(TAKEDOWN_SCHEMA) if path.exists() else TAKEDOWN_SCHEMA.empty_table()
     seen = set(known.column("uid").to_pylist())
     new: dict[str, dict] = {}
     found_urls: set[str] = set()
     now = time.time()
     listed = _id_array(urls)
     for part in sorted(run.stage_dir("ingest").glob("part-*.parquet")):
-        table = pq.read_table(part, columns=["uid", "url"])
+        table = read_parquet(part, columns=["uid", "url"])
         for row in table.filter(_in(table, "url", listed)).to_pylist():
             found_urls.add(row["url"])
             if row["uid"] not in seen:
@@ -417,7 +445,7 @@ def take_down_shard(run: RunDir, name: str, uids: set[str]) -> int:
     return count
 
 
-def _update_marker(run: RunDir, tar_path: Path, rows: int) -> None:
+def _update_marker(run: RunDir, tar_path: AnyPath, rows: int) -> None:
     """The shard's kept count is what the runner's sizes.json reads on a later rerun."""
     done = run.read_done(tar_path)
     if done is None or done.kept == rows:
@@ -446,18 +474,18 @@ def _update_sizes(run: RunDir, touched: list[str]) -> None:
     """Set the touched shards' counts from their parquet (its footer: no rows are read)."""
     path = run.shards_dir / "sizes.json"
     sizes = json.loads(path.read_text())
-    fresh = sizes | {name: pq.ParquetFile((run.shards_dir / name).with_suffix(".parquet")).metadata.num_rows
+    fresh = sizes | {name: parquet_file((run.shards_dir / name).with_suffix(".parquet")).metadata.num_rows
                      for name in touched}
     if fresh != sizes:
         write_atomic(path, json.dumps(fresh, indent=1))
 
 
-def _logged_uids(path: Path) -> set[str]:
+def _logged_uids(path: AnyPath) -> set[str]:
     """uids already in the log; a last line cut off by a crash is dropped so appends stay valid."""
     if not path.exists():
         return set()
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    if data and not data.endswith(b"\n"):  # only local appends can be cut off: an upload is whole
         data = data[: data.rfind(b"\n") + 1]
         with open(path, "r+b") as handle:
             handle.truncate(len(data))
@@ -470,7 +498,9 @@ def _log(run: RunDir, plan: pa.Table) -> int:
     now = time.time()
     lines = [json.dumps({"time": now, "url": row["url"], "uid": row["uid"], "shard": row["shard"]}) + "\n"
              for row in plan.select(["uid", "url", "shard"]).to_pylist() if row["uid"] not in logged]
-    if lines:
+    if lines and is_remote(path):  # object stores cannot append: write the log again, whole
+        write_atomic(path, (path.read_bytes() if path.exists() else b"") + "".join(lines).encode())
+    elif lines:
         with open(path, "a", encoding="utf-8") as handle:
             handle.writelines(lines)
             handle.flush()

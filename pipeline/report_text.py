@@ -12,6 +12,7 @@ from pipeline.config import RunConfig
 from pipeline.run_dir import RunDir
 from stages import stage_class
 from stages.base import PoolStage
+from stages.storage import as_path
 
 console = Console()
 
@@ -40,7 +41,7 @@ def print_summary(summary) -> None:
                       + (f", {len(report.shards_failed)} FAILED" if report.shards_failed else "")
                       + (f", {report.shards_blocked} blocked by earlier failures" if report.shards_blocked else "")
                       + (f"  ({report.rows_per_s:,.0f} rows/s)" if report.rows else ""))
-    root = Path(summary.run_dir)
+    root = as_path(summary.run_dir)
     console.print(f"shards:  {root / 'shards'} ({summary.output_shards} tars, {summary.samples_written:,} samples)")
     console.print(f"catalog: pairsift query {root} \"SELECT reason, count(*) FROM samples GROUP BY 1\"")
     console.print(f"funnel:  pairsift status {root}")

@@ -9,25 +9,25 @@
     <run>/download/NNNNN.tar               images, as webdataset members KEY.jpg/KEY.json
     <run>/shards/NNNNN.tar|.parquet        final training shards, plus sizes.json
 
-Every file is written to a temporary name and renamed into place, and a part's marker is written
-after the part: a part without a matching marker does not exist as far as resume is concerned.
+Every file is written to a temporary name and renamed into place (uploaded whole, on an object
+store: ``stages.storage``), and a part's marker is written after the part: a part without a matching
+marker does not exist as far as resume is concerned. The root may be a local path or an fsspec URL.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import shutil
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from pipeline.errors import UserError
+from stages.storage import AnyPath, as_path, is_remote, remove, write_atomic
+
+__all__ = ["RunDir", "ShardDone", "ShardFailed", "write_atomic"]
 
 
 class ShardDone(BaseModel):
@@ -52,101 +52,95 @@ class ShardFailed(BaseModel):
     failed_at: float = Field(default_factory=time.time)
 
 
-def write_atomic(path: Path, data: bytes | str | pa.Table) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if isinstance(data, pa.Table):
-            os.close(fd)
-            pq.write_table(data, tmp)
-        else:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class RunDir:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | AnyPath):
+        try:
+            self.root = as_path(root)
+        except ValueError as exc:
+            raise UserError(f"run directory {exc}") from None
 
     def create(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            if not is_remote(self.root):  # an object store has no directories, and a typo must not make a bucket
+                self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-probe"
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
             raise UserError(f"run directory {self.root} is not writable: {exc.strerror or exc}") from None
+        except Exception as exc:  # object stores: credentials, endpoint, missing bucket
+            raise UserError(f"run directory {self.root} is not writable: {str(exc).splitlines()[0]}") from None
 
     def remove_temp_files(self) -> None:
         """Temporary files of writers that were killed mid-write. Only call this when no worker of
         this run can still be writing (the start and the end of a run)."""
-        for path in self.root.rglob(".*.tmp"):
-            path.unlink(missing_ok=True)
+        if is_remote(self.root):
+            return  # temporaries of object-store writes live on the writer's local disk
+        for path in list(self.root.rglob(".*.tmp")):
+            if path.is_dir():  # ingest's domain-spreading spill
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     # --- paths -------------------------------------------------------------------------------
-    def stage_dir(self, label: str) -> Path:
+    def stage_dir(self, label: str) -> AnyPath:
         return self.root / label
 
-    def part(self, label: str, shard: int) -> Path:
+    def part(self, label: str, shard: int) -> AnyPath:
         return self.stage_dir(label) / f"part-{shard:05d}.parquet"
 
-    def partial(self, label: str, shard: int) -> Path:
+    def partial(self, label: str, shard: int) -> AnyPath:
         return self.stage_dir(label) / f"partial-{shard:05d}.parquet"
 
-    def images(self, label: str, shard: int) -> Path:
+    def images(self, label: str, shard: int) -> AnyPath:
         return self.stage_dir(label) / f"{shard:05d}.tar"
 
-    def fit(self, label: str) -> Path:
+    def fit(self, label: str) -> AnyPath:
         return self.stage_dir(label) / "fit.json"
 
     @staticmethod
-    def done_of(path: Path) -> Path:
+    def done_of(path: AnyPath) -> AnyPath:
         return path.with_name(path.name.split(".")[0] + ".done.json")
 
     @staticmethod
-    def failed_of(path: Path) -> Path:
+    def failed_of(path: AnyPath) -> AnyPath:
         return path.with_name(path.name.split(".")[0] + ".failed.json")
 
     @property
-    def shards_dir(self) -> Path:
+    def shards_dir(self) -> AnyPath:
         return self.root / "shards"
 
     @property
-    def run_json(self) -> Path:
+    def run_json(self) -> AnyPath:
         return self.root / "run.json"
 
     # --- markers -----------------------------------------------------------------------------
-    def read_done(self, path: Path) -> ShardDone | None:
+    def read_done(self, path: AnyPath) -> ShardDone | None:
         try:
             return ShardDone.model_validate_json(self.done_of(path).read_text())
         except (OSError, ValueError):
             return None
 
-    def is_done(self, path: Path, config_hash: str, upstream: list[str] | None = None) -> bool:
+    def is_done(self, path: AnyPath, config_hash: str, upstream: list[str] | None = None) -> bool:
         done = self.read_done(path)
         if done is None or done.config_hash != config_hash or not path.exists():
             return False
         return upstream is None or done.upstream == upstream
 
-    def mark_done(self, path: Path, done: ShardDone) -> None:
-        self.failed_of(path).unlink(missing_ok=True)
+    def mark_done(self, path: AnyPath, done: ShardDone) -> None:
+        remove(self.failed_of(path))
         write_atomic(self.done_of(path), done.model_dump_json())
 
-    def mark_failed(self, path: Path, failed: ShardFailed) -> None:
+    def mark_failed(self, path: AnyPath, failed: ShardFailed) -> None:
         write_atomic(self.failed_of(path), failed.model_dump_json())
 
-    def read_failed(self, path: Path) -> ShardFailed | None:
+    def read_failed(self, path: AnyPath) -> ShardFailed | None:
         try:
             return ShardFailed.model_validate_json(self.failed_of(path).read_text())
         except (OSError, ValueError):
             return None
 
-    def version_of(self, path: Path) -> str | None:
+    def version_of(self, path: AnyPath) -> str | None:
         done = self.read_done(path)
         return done.version if done else None
 

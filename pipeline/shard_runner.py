@@ -10,38 +10,20 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.run_dir import RunDir, ShardDone, write_atomic
 from stages import import_stage
 from stages.base import IMAGE, REASON, PoolStage, Stage, StageConfig
+from stages.storage import AnyPath, atomic_path, open_binary, read_parquet
 
 MAX_ERROR_KINDS = 20  # a capped counter: a million distinct errors must not become a million keys
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def image_extension(data: bytes) -> str:
@@ -61,7 +43,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_image_tar(path: Path, table: pa.Table) -> int:
+def write_image_tar(path: AnyPath, table: pa.Table) -> int:
     """Images as img2dataset writes them: KEY.<ext> + KEY.txt + KEY.json, KEY = uid."""
     count = 0
     with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
@@ -78,19 +60,15 @@ def write_image_tar(path: Path, table: pa.Table) -> int:
     return count
 
 
-def read_image_tar(path: Path) -> dict[str, bytes]:
+def read_image_tar(path: AnyPath) -> dict[str, bytes]:
     images: dict[str, bytes] = {}
-    with tarfile.open(path) as tar:
+    with open_binary(path) as handle, tarfile.open(fileobj=handle) as tar:
         for member in tar:
             key, _, ext = member.name.rpartition(".")
             if ext in ("jpg", "png", "webp", "bin") and member.isfile():
                 handle = tar.extractfile(member)
                 images[key] = handle.read() if handle else b""
     return images
-
-
-def read_table(path: Path) -> pa.Table:
-    return pq.read_table(path)
 
 
 def alive(table: pa.Table) -> pa.Table:
@@ -116,9 +94,9 @@ def join_positional(base: pa.Table, part: pa.Table, where: str) -> pa.Table:
 
 def load_input(run: RunDir, upstream: list[str], shard: int) -> pa.Table:
     """The rows still alive before the next stage, with every earlier stage's columns."""
-    table = read_table(run.part("ingest", shard))
+    table = read_parquet(run.part("ingest", shard))
     for label in upstream[1:]:
-        table = join_positional(table, read_table(run.part(label, shard)), f"{label} shard {shard}")
+        table = join_positional(table, read_parquet(run.part(label, shard)), f"{label} shard {shard}")
     return table
 
 
@@ -215,7 +193,7 @@ class ShardRunner:
         assert isinstance(self.stage, PoolStage)
         started = time.perf_counter()
         given = self._input(shard)
-        summary = read_table(self.run.partial(self.label, shard))
+        summary = read_parquet(self.run.partial(self.label, shard))
         output = check_output(self.stage, given, self.stage.apply(given, fitted, summary))
         write_part(self.run, self.label, shard, given, output)
         done = ShardDone(config_hash=config_hash, upstream=upstream_versions,

@@ -19,8 +19,9 @@ import pyarrow.compute as pc
 
 from pipeline.maintenance import taken_down_uids
 from pipeline.run_dir import RunDir, ShardDone, write_atomic
-from pipeline.shard_runner import _add_member, atomic_path, attach_images, image_extension, load_input
+from pipeline.shard_runner import _add_member, attach_images, image_extension, load_input
 from stages.base import IMAGE
+from stages.storage import atomic_path, remove
 
 Slice = tuple[int, int, int]  # (input shard, first kept row, end kept row)
 
@@ -176,4 +177,4 @@ def remove_stale_shards(run: RunDir, n_shards: int) -> None:
     for path in run.shards_dir.glob("[0-9]*.*"):
         stem = path.name.split(".")[0]
         if stem.isdigit() and int(stem) >= n_shards:
-            path.unlink(missing_ok=True)
+            remove(path)

@@ -12,13 +12,12 @@ import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.maintenance import taken_down_uids
 from pipeline.run_dir import RunDir
+from stages.storage import AnyPath, is_remote, open_binary, read_parquet
 
 
 @dataclass
@@ -35,15 +34,15 @@ class VerifyReport:
             self.problems.append(text)
 
 
-def _tar_keys(path: Path, report: VerifyReport) -> list[str]:
+def _tar_keys(path: AnyPath, report: VerifyReport) -> list[str]:
     members: dict[str, set[str]] = {}
     try:
-        with tarfile.open(path) as tar:
+        with open_binary(path) as handle, tarfile.open(fileobj=handle) as tar:
             for member in tar:
                 key, _, ext = member.name.rpartition(".")
                 members.setdefault(key, set()).add(ext)
-                handle = tar.extractfile(member)
-                if handle is None or len(handle.read()) != member.size:
+                data = tar.extractfile(member)
+                if data is None or len(data.read()) != member.size:
                     report.problem(f"{path.name}: member {member.name} is truncated")
     except (tarfile.TarError, OSError) as exc:
         report.problem(f"{path.name}: does not open as a tar: {exc}")
@@ -54,14 +53,14 @@ def _tar_keys(path: Path, report: VerifyReport) -> list[str]:
     return list(members)
 
 
-def verify_run(run_root: str | Path) -> VerifyReport:
+def verify_run(run_root: str | AnyPath) -> VerifyReport:
     run = RunDir(run_root)
     report = VerifyReport()
     meta = run.read_run_json()
     labels = ["ingest"] + [s["label"] for s in meta["config"].get("stages", [])]
     n_shards = json.loads((run.stage_dir("ingest") / "_manifest.json").read_text())["n_shards"]
 
-    for tmp in run.root.rglob("*.tmp"):
+    for tmp in ([] if is_remote(run.root) else run.root.rglob("*.tmp")):
         report.problem(f"temporary file left behind: {tmp.relative_to(run.root)}")
 
     all_uids: Counter = Counter()
@@ -75,7 +74,7 @@ def verify_run(run_root: str | Path) -> VerifyReport:
                 report.problem(f"{label} shard {shard}: " + (f"failed: {failed.error}" if failed else "missing"))
                 alive = None
                 break
-            table = pq.read_table(part)
+            table = read_parquet(part)
             uids = table.column("uid").to_pylist()
             if label == "ingest":
                 all_uids.update(uids)
@@ -114,7 +113,7 @@ def _verify_shards(run: RunDir, report: VerifyReport, kept: list[str], taken_dow
         tar_path = run.shards_dir / name
         keys = _tar_keys(tar_path, report)
         table_path = tar_path.with_suffix(".parquet")
-        uids = pq.read_table(table_path).column("uid").to_pylist() if table_path.exists() else []
+        uids = read_parquet(table_path, ["uid"]).column("uid").to_pylist() if table_path.exists() else []
         if not table_path.exists():
             report.problem(f"{table_path.name} is missing")
         if keys != uids:

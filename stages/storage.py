@@ -1,0 +1,118 @@
+"""Files on local disk or on any fsspec filesystem (s3://, gs://, ...), behind one path type.
+
+A location that is a URL with a scheme other than ``file`` becomes a ``UPath`` (pathlib's API over
+fsspec); anything else stays a plain ``pathlib.Path``, so local runs behave exactly as they always
+have. Credentials and endpoints come from the filesystem's usual sources (for s3: the AWS_*
+environment variables and config files), which is also how Ray workers pick them up.
+
+Atomic writes differ by kind of storage, and this is the one place that knows:
+- local: write a temporary file beside the target and ``os.replace`` it into place;
+- object stores: write a local temporary file and upload it in one PUT (or a multipart upload that
+  completes at the end): an object is visible whole or not at all, so no reader ever sees half a tar.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from upath import UPath
+
+AnyPath = Any  # pathlib.Path or upath.UPath: the pathlib methods both have are all this module relies on
+
+
+def is_url(location: str) -> bool:
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme.lower() != "file"
+
+
+def as_path(location: str | os.PathLike | AnyPath) -> AnyPath:
+    """A path object for a local path, a ``file://`` URL or a remote fsspec URL."""
+    if isinstance(location, (Path, UPath)):
+        return location
+    text = os.fspath(location) if isinstance(location, os.PathLike) else str(location)
+    if text.startswith("file://"):
+        return Path(text.removeprefix("file://"))
+    if not is_url(text):
+        return Path(text)
+    try:
+        # Several processes write one run: a cached directory listing would hide their parts.
+        return UPath(text, use_listings_cache=False)
+    except (ImportError, ValueError) as exc:  # e.g. s3:// without s3fs: pip install 'pairsift[storage]'
+        raise ValueError(f"{text}: {str(exc).splitlines()[0]}") from None
+
+
+# What object-store clients read their endpoint and credentials from.
+_STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "FSSPEC_")
+
+
+def storage_env() -> dict[str, str]:
+    """The driver's object-store settings, for the workers it starts (a local Ray's workers do not
+    inherit variables set after Ray started; on clusters with node roles this is simply empty)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_STORAGE_ENV_PREFIXES)}
+
+
+def is_remote(path: AnyPath) -> bool:
+    return not isinstance(path, Path)
+
+
+def open_binary(path: AnyPath) -> IO[bytes]:
+    return path.open("rb")
+
+
+def read_parquet(path: AnyPath, columns: list[str] | None = None) -> pa.Table:
+    if not is_remote(path):
+        return pq.read_table(path, columns=columns)
+    with path.open("rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def parquet_file(path: AnyPath) -> pq.ParquetFile:
+    """For streaming reads; a remote file is read by ranges, never downloaded whole up front."""
+    return pq.ParquetFile(path if not is_remote(path) else path.open("rb"))
+
+
+@contextmanager
+def atomic_path(path: AnyPath) -> Iterator[Path]:
+    """Yield a local temporary path; publish it as ``path`` only if the block succeeds."""
+    if not is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        directory = path.parent
+    else:
+        directory = None  # the system temp dir: object stores have no rename, only whole uploads
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        publish(Path(tmp), path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def publish(local: Path, path: AnyPath) -> None:
+    """Move a finished local file to its final place in one step."""
+    if is_remote(path):
+        path.fs.put_file(str(local), path.path)
+    else:
+        os.replace(local, path)
+
+
+def write_atomic(path: AnyPath, data: bytes | str | pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        if isinstance(data, pa.Table):
+            pq.write_table(data, tmp)
+        else:
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def remove(path: AnyPath) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except FileNotFoundError:  # some fsspec backends ignore missing_ok
+        pass
