@@ -23,7 +23,7 @@ metadata_app = typer.Typer(no_args_is_help=True, help="MetaCLIP metadata (concep
 app.add_typer(metadata_app, name="metadata")
 
 ConfigArg = Annotated[str, typer.Argument(help="a config file, or a preset name from configs/ (e.g. demo)")]
-RunArg = Annotated[Path, typer.Argument(help="a run directory")]
+RunArg = Annotated[str, typer.Argument(help="a run directory: a local path or an fsspec URL (s3://...)")]
 
 
 def _overrides(run_dir: str | None, address: str | None, executor: str | None,
@@ -52,22 +52,33 @@ def run(
     address: Annotated[str | None, typer.Option(help="join this Ray cluster instead of starting one")] = None,
     executor: Annotated[str | None, typer.Option(help="ray (default) or local (in-process)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: a.b=value")] = None,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="after resuming, re-fetch only the rows whose download failed (transient "
+                               "reasons unless --reasons says) and redo what depends on them")] = False,
+    reasons: Annotated[str | None, typer.Option(
+        help="with --retry-failed: comma-separated download reasons to retry "
+             "(default timeout,dns_error,failed_to_download,domain_unavailable,rate_limited)")] = None,
 ) -> None:
     """Run (or resume) a pipeline config; finished shards are skipped."""
     from pipeline.config import load_config
     from pipeline.report_text import print_funnel, print_summary
+    from pipeline.retry import parse_reasons
     from pipeline.runner import run_pipeline
 
+    if reasons is not None and not retry_failed:
+        raise UserError("--reasons only applies with --retry-failed")
     cfg = load_config(config, _overrides(run_dir, address, executor, set_))
-    summary = run_pipeline(cfg)
+    summary = run_pipeline(cfg, parse_reasons(reasons) if retry_failed else None)
     print_summary(summary)
+    for retried in summary.retries:
+        typer.echo(retried.line())
     print_funnel(cfg.run_dir)
-    write_report_quietly(Path(cfg.run_dir))
+    write_report_quietly(cfg.run_dir)
     if summary.failed:
         raise typer.Exit(1)
 
 
-def write_report_quietly(run_dir: Path) -> None:
+def write_report_quietly(run_dir: str) -> None:
     """The report is a view of the run: failing to draw it must not fail the run."""
     from pipeline.report import write_report
 
@@ -141,7 +152,7 @@ def verify(run_dir: RunArg) -> None:
 @app.command()
 def subset(
     run_dir: RunArg,
-    out: Annotated[Path, typer.Option(help="directory for the new shards (new, or an earlier subset's)")],
+    out: Annotated[str, typer.Option(help="directory for the new shards (new, or an earlier subset's); a path or URL")],
     uids: Annotated[Path | None, typer.Option(help="uids: one per line, or a parquet/csv with a uid column")] = None,
     urls: Annotated[Path | None, typer.Option(help="urls: one per line, or a parquet/csv with a url column")] = None,
     exclude: Annotated[bool, typer.Option("--exclude", help="keep every sample except the listed ones")] = False,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import UserError
 from stages import UnknownStage, stage_class
 from stages.base import StageConfig
+from stages.storage import AnyPath, as_path
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -33,6 +34,9 @@ class InputConfig(Strict):
     url_col: str = "url"
     caption_col: str = "caption"
     shard_size: int = Field(10_000, gt=0, description="rows per input shard: the unit of work")
+    spread_domains: bool = Field(
+        False, description="deal each domain's rows over all the shards, so no download worker gets a big "
+                           "domain's whole run (ingest reads the input twice and spills it once to disk)")
 
 
 class RayConfig(Strict):
@@ -111,8 +115,11 @@ class RunConfig(Strict):
 
 def input_fingerprint(path: str) -> list[tuple[str, int, int]]:
     """Size and mtime of the input file(s): a rewritten list must be ingested again."""
-    root = Path(path)
-    files = sorted(root.glob("*.tar")) if root.is_dir() else [root]
+    try:
+        root = as_path(path)
+        files = sorted(root.glob("*.tar")) if root.is_dir() else [root]
+    except (ValueError, OSError):
+        return []  # ingest says what is wrong with the input, in one line
     out = []
     for file in files:
         try:
@@ -192,11 +199,14 @@ class _StrictLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A path, or the short name of a preset in configs/ (``demo`` -> configs/demo.yaml)."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
+def resolve_config_path(name_or_path: str) -> AnyPath:
+    """A path or URL (s3://bucket/job.yaml), or the short name of a preset in configs/ (``demo``)."""
+    try:
+        path = as_path(name_or_path)
+        if path.exists():
+            return path
+    except (ValueError, OSError) as exc:
+        raise UserError(f"config {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     preset = CONFIGS_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return preset

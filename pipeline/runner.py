@@ -13,12 +13,12 @@ import json
 import logging
 import platform
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.config import RunConfig, config_hash
@@ -30,6 +30,7 @@ from pipeline.shards import ShardWriter, plan_output_shards, remove_stale_shards
 from stages import stage_class, stage_path
 from stages.base import IMAGE, PoolStage
 from stages.ingest import iter_input_shards
+from stages.storage import is_remote, read_parquet, remove
 
 log = logging.getLogger("pairsift")
 
@@ -56,6 +57,7 @@ class RunSummary:
     stages: list[StageReport]
     output_shards: int
     samples_written: int
+    retries: list = field(default_factory=list)  # pipeline.retry.RetryReport, one per download stage retried
 
     @property
     def failed(self) -> dict[str, dict[int, str]]:
@@ -89,7 +91,8 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
     source = cfg.input
     try:
         shards = iter_input_shards(source.path, source.format, source.url_col, source.caption_col,
-                                   source.shard_size)
+                                   source.shard_size, spread_domains=source.spread_domains,
+                                   spill_dir=None if is_remote(run.root) else run.root)
         with tqdm(desc="ingest", unit=" rows", leave=False) as bar:
             for index, table in enumerate(shards):
                 path = run.part("ingest", index)
@@ -108,8 +111,8 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
         raise UserError(f"input {source.path} has no rows: nothing to curate")
     for stale in run.stage_dir("ingest").glob("part-*.parquet"):
         if int(stale.name[5:10]) >= n_shards:
-            stale.unlink()
-            run.done_of(stale).unlink(missing_ok=True)
+            remove(stale)
+            remove(run.done_of(stale))
     write_atomic(manifest_path, json.dumps({"config_hash": ingest_hash, "n_shards": n_shards, "rows": rows}))
     log.info("ingest: %d rows in %d shards (%.0f rows/s)", rows, n_shards, rows / (time.perf_counter() - started))
     return n_shards
@@ -162,6 +165,8 @@ class StageRun:
                 path = path_of(result.job.shard)
                 if result.ok:
                     done: ShardDone = result.value
+                    if result.job.attempts > 1:  # the worker wrote attempts=1: it never saw the attempts that died
+                        done = record_attempts(self.run, path, done, result)
                     report.shards_done += 1
                     report.rows += done.rows_in
                     self.check_abort(desc, done, report.rows)
@@ -176,6 +181,14 @@ class StageRun:
                 bar.set_postfix(rows=f"{report.rows:,}", rows_per_s=f"{report.rows / elapsed:,.0f}" if elapsed else "-")
             self.executor.map(spec, jobs, on_result)
         report.seconds += time.perf_counter() - started
+
+
+def record_attempts(run: RunDir, path, done: ShardDone, result: JobResult) -> ShardDone:
+    """Put the attempts that failed before this one (a killed worker, a deadline) into the marker."""
+    lost = Counter(f"attempt failed: {e.splitlines()[0][:200]}" for e in result.errors if e)
+    done = done.model_copy(update={"attempts": result.job.attempts, "errors": dict(Counter(done.errors) + lost)})
+    run.mark_done(path, done)
+    return done
 
 
 def run_stage(cfg: RunConfig, run: RunDir, executor, n_shards: int, index: int, hashes: dict[str, str]) -> StageReport:
@@ -236,8 +249,8 @@ class StoredPartials(Sequence):
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return [pq.read_table(p) for p in self.paths[index]]
-        return pq.read_table(self.paths[index])
+            return [read_parquet(p) for p in self.paths[index]]
+        return read_parquet(self.paths[index])
 
 
 def fit_pool_stage(stage: PoolStage, run: RunDir, label: str, stage_hash: str, n_shards: int):
@@ -253,7 +266,7 @@ def fit_pool_stage(stage: PoolStage, run: RunDir, label: str, stage_hash: str, n
         if saved["config_hash"] == stage_hash and saved["upstream"] == partial_versions:
             fitted = dict(saved["values"])
             for name in saved["tables"]:
-                fitted[name] = pq.read_table(run.stage_dir(label) / f"fit-{name}.parquet")
+                fitted[name] = read_parquet(run.stage_dir(label) / f"fit-{name}.parquet")
             return fitted, saved["version"]
     except (OSError, ValueError, KeyError):
         pass
@@ -306,8 +319,14 @@ def write_output_shards(cfg: RunConfig, run: RunDir, executor, n_shards: int, sh
 
 # --- the whole run ---------------------------------------------------------------------------
 
-def run_pipeline(cfg: RunConfig) -> RunSummary:
+def run_pipeline(cfg: RunConfig, retry_reasons: Sequence[str] | None = None) -> RunSummary:
+    """Run or resume ``cfg``. With ``retry_reasons``, after each download stage has resumed, re-fetch
+    only its rows that failed for those reasons (``pipeline.retry``); later stages then redo exactly
+    the shards whose download part changed."""
+    from pipeline.retry import check_retry, retry_failed_rows
+
     run = RunDir(cfg.run_dir)
+    retry = check_retry(cfg, run, retry_reasons) if retry_reasons is not None else None  # before writing anything
     run.create()
     run.remove_temp_files()  # left by writers killed in an earlier attempt: never under a final name
     hashes = cfg.stage_hashes()
@@ -316,16 +335,20 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
     run.write_run_json(meta | {"status": "running"})
     n_shards = ingest(cfg, run, hashes["ingest"])
     executor = make_executor(cfg.executor, cfg.ray)
-    reports = []
+    reports, retries = [], []
     for index, spec in enumerate(cfg.stages):
         report = run_stage(cfg, run, executor, n_shards, index, hashes)
         reports.append(report)
+        if retry is not None and spec.stage == "download":
+            retries.append(retry_failed_rows(cfg, run, executor, n_shards, index, hashes, retry))
+            report.shards_failed.update(retries[-1].shards_failed)
+            log.info("%s", retries[-1].line())
         log.info("%s: %d shards run, %d already done, %d failed, %d blocked; %.0f rows/s",
                  spec.label, report.shards_done, report.shards_skipped, len(report.shards_failed),
                  report.shards_blocked, report.rows_per_s)
     shard_report, n_out, samples = write_output_shards(cfg, run, executor, n_shards, hashes["shards"])
     reports.append(shard_report)
-    summary = RunSummary(str(run.root), n_shards, reports, n_out, samples)
+    summary = RunSummary(str(run.root), n_shards, reports, n_out, samples, retries)
     failed = summary.failed
     meta.update(status="failed_shards" if failed else "finished", finished_at=time.time(),
                 output_shards=n_out, samples_written=samples,
@@ -333,6 +356,8 @@ def run_pipeline(cfg: RunConfig) -> RunSummary:
                              "shards_failed": r.shards_failed, "shards_blocked": r.shards_blocked,
                              "rows": r.rows, "seconds": round(r.seconds, 3), "rows_per_s": round(r.rows_per_s, 1)}
                             for r in reports])
+    if retries:
+        meta["retries"] = [r.as_dict() for r in retries]
     run.remove_temp_files()
     run.write_run_json(meta)
     return summary

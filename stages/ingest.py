@@ -5,8 +5,15 @@ turns into reasons: ``dup_url`` (the url appeared earlier in the pool) and ``dup
 exact pair appeared earlier). An exact repeat gets the uid of its pair plus its repeat number, so that
 every input row keeps its own line in the catalog.
 
-Dedup is exact and happens here because ingest is the one place that sees the whole pool in order;
-it keeps one 8-byte digest per distinct url and pair in memory (about 100 bytes each in Python sets).
+Dedup is exact (up to 64-bit digests) and happens here because ingest is the one place that sees
+the whole pool in order; it keeps one 8-byte digest per distinct url and pair in memory, in numpy hash
+tables (``DigestCounts``: 18-36 bytes per distinct digest and table). Measured with mostly distinct
+rows (benchmarks/scale.py), peak memory grows about 80 bytes per row, table doubling included: 10M
+rows ~0.7 GB; 1B rows would need ~55-65 GB in this one process.
+
+``spread_domains`` deals each domain's rows over all the shards (``_spread_shards``), so that the
+download stage meets a big domain a little in every shard instead of one worker crawling its whole
+run; uids and duplicate flags are still assigned in input order, exactly as without it.
 """
 
 from __future__ import annotations
@@ -15,20 +22,28 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 from stages.base import IMAGE
+from stages.politeness import spread_by_domain, url_hosts
+from stages.storage import AnyPath, as_path, is_remote, open_binary, parquet_file
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "webdataset")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _READ_ROWS = 65_536
+# Rows a domain spread holds in memory at once: the spill buffer, then one bucket of shards
+# (more for pools past SPREAD_MEMORY_ROWS x _MAX_SPILL_BUCKETS rows, to keep the bucket files few).
+SPREAD_MEMORY_ROWS = 500_000
+_MAX_SPILL_BUCKETS = 256
 
 
 def uid_of(url: str | None, caption: str | None, repeat: int = 0) -> str:
@@ -38,11 +53,7 @@ def uid_of(url: str | None, caption: str | None, repeat: int = 0) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def _short_digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-
-
-def detect_format(path: Path) -> str:
+def detect_format(path: AnyPath) -> str:
     if path.is_dir():
         if any(path.glob("*.tar")):
             return "webdataset"
@@ -60,15 +71,22 @@ def detect_format(path: Path) -> str:
     raise ValueError(f"{path}: cannot tell the format from the name; set input.format to one of {FORMATS}")
 
 
-def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+def _open_maybe_gzip(path: AnyPath) -> io.BufferedIOBase:
+    gzipped = path.name.endswith(".gz")
+    if is_remote(path):
+        return path.fs.open(path.path, "rb", compression="gzip" if gzipped else None)
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def _read_batches(path: Path, fmt: str) -> Iterator[pa.Table]:
+def _read_batches(path: AnyPath, fmt: str) -> Iterator[pa.Table]:
     """Stream the list as tables of up to _READ_ROWS rows (whole files are never loaded at once)."""
     if fmt == "parquet":
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=_READ_ROWS):
-            yield pa.Table.from_batches([batch])
+        reader = parquet_file(path)
+        # One row group at a time: over the whole file, iter_batches pre-buffers every row group's
+        # bytes up front (peak memory grew with the file: +338 MB reading a 213 MB file, +82 MB so).
+        for group in range(reader.num_row_groups):
+            for batch in reader.iter_batches(batch_size=_READ_ROWS, row_groups=[group]):
+                yield pa.Table.from_batches([batch])
     elif fmt in ("csv", "tsv"):
         parse = pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=fmt == "csv")
         convert = pcsv.ConvertOptions(strings_can_be_null=False)
@@ -90,7 +108,7 @@ def _scalar_text(value: object) -> object:
     return value if isinstance(value, str) or value is None else None
 
 
-def _read_jsonl(path: Path) -> Iterator[pa.Table]:
+def _read_jsonl(path: AnyPath) -> Iterator[pa.Table]:
     """JSON lines read one by one: one odd line (a number for a url, bad UTF-8) must not sink the file.
 
     Values are normalised per row (text stays text, numbers become text, the rest null); a line
@@ -120,15 +138,15 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.table({n: pa.array([row.get(n) for row in rows], pa.string()) for n in names})
 
 
-def _tar_paths(path: Path) -> list[Path]:
+def _tar_paths(path: AnyPath) -> list[AnyPath]:
     return sorted(path.glob("*.tar")) if path.is_dir() else [path]
 
 
-def _read_webdataset(path: Path) -> Iterator[pa.Table]:
+def _read_webdataset(path: AnyPath) -> Iterator[pa.Table]:
     """Samples of existing webdataset tars (img2dataset output): url from the json, caption from txt."""
     for tar_path in _tar_paths(path):
         rows: dict[str, dict] = {}
-        with tarfile.open(tar_path) as tar:
+        with open_binary(tar_path) as handle, tarfile.open(fileobj=handle) as tar:
             for member in tar:
                 if not member.isfile() or "." not in member.name:
                     continue
@@ -168,7 +186,7 @@ def _as_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pa.chunked_array([pa.nulls(len(column), pa.string())])
 
 
-def _normalise(table: pa.Table, url_col: str, caption_col: str, source: Path) -> pa.Table:
+def _normalise(table: pa.Table, url_col: str, caption_col: str, source: AnyPath) -> pa.Table:
     names = table.column_names
     for wanted, key in ((url_col, "url_col"), (caption_col, "caption_col")):
         if wanted not in names:
@@ -185,50 +203,122 @@ def _normalise(table: pa.Table, url_col: str, caption_col: str, source: Path) ->
     return pa.table(columns)
 
 
+class DigestCounts:
+    """How often each 64-bit digest has been seen, in two flat numpy arrays: an open-addressing hash
+    table (linear probing, kept at most 2/3 full) of 12 bytes a slot, i.e. 18-36 bytes per distinct
+    digest, where a Python set or dict of bytes took about 170 per row. Batches are looked up and
+    inserted with vectorised probing rounds, so it is also faster than a per-row set."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        capacity = 1 << max(4, (capacity - 1).bit_length())
+        self.keys = np.zeros(capacity, np.uint64)  # 0 marks an empty slot (a digest of 0 counts as 1)
+        self.counts = np.zeros(capacity, np.uint32)
+        self.size = 0
+
+    def add(self, digests: np.ndarray) -> np.ndarray:
+        """Count ``digests`` in; returns, per digest, how often it was seen before it (in earlier
+        calls, and earlier in this one)."""
+        keys = np.where(digests == 0, np.uint64(1), digests.astype(np.uint64, copy=False))
+        unique, inverse, per_key = np.unique(keys, return_inverse=True, return_counts=True)
+        if (self.size + len(unique)) * 3 > len(self.keys) * 2:
+            self._grow(self.size + len(unique))
+        slots = self._slots(unique)
+        before = self.counts[slots].astype(np.int64)
+        self.counts[slots] += per_key.astype(np.uint32)
+        # Occurrence number of each digest among this call's equal ones, in input order.
+        within = np.empty(len(keys), np.int64)
+        within[np.argsort(inverse, kind="stable")] = np.arange(len(keys)) - np.repeat(
+            np.cumsum(per_key) - per_key, per_key)
+        return before[inverse] + within
+
+    def _slots(self, unique: np.ndarray) -> np.ndarray:
+        """The slot of each (distinct) key, claiming an empty one for keys not in the table yet."""
+        mask = len(self.keys) - 1
+        slots = np.empty(len(unique), np.int64)
+        todo = np.arange(len(unique))
+        probe = (unique & np.uint64(mask)).astype(np.int64)
+        while len(todo):
+            here = self.keys[probe]
+            done = here == unique[todo]
+            empty = np.flatnonzero(here == 0)
+            if len(empty):  # several keys may reach one empty slot in the same round: the first wins
+                _, first = np.unique(probe[empty], return_index=True)
+                claim = empty[first]
+                self.keys[probe[claim]] = unique[todo[claim]]
+                self.size += len(claim)
+                done[claim] = True
+            slots[todo[done]] = probe[done]
+            todo, probe = todo[~done], (probe[~done] + 1) & mask
+        return slots
+
+    def _grow(self, needed: int) -> None:
+        used = self.keys != 0
+        keys, counts = self.keys[used], self.counts[used]
+        capacity = len(self.keys)
+        while needed * 3 > capacity * 2:
+            capacity *= 2
+        self.keys = np.zeros(capacity, np.uint64)
+        self.counts = np.zeros(capacity, np.uint32)
+        self.size = 0
+        self.counts[self._slots(keys)] = counts
+
+
 class UidAssigner:
-    """Assigns uids and duplicate flags in input order, remembering what the pool has shown so far."""
+    """Assigns uids and duplicate flags in input order, remembering what the pool has shown so far:
+    an 8-byte digest per distinct url and per distinct pair (the first half of its uid's digest)."""
 
     def __init__(self) -> None:
-        self.seen_urls: set[bytes] = set()
-        self.pair_repeats: dict[bytes, int] = {}
+        self.urls = DigestCounts()
+        self.pairs = DigestCounts()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        uids, dup_url, dup_pair = [], [], []
-        for url, caption in zip(table.column("url").to_pylist(), table.column("caption").to_pylist()):
-            url_key = _short_digest(url or "")
-            pair_key = _short_digest(f"{url or ''}\x00{caption or ''}")
-            repeat = self.pair_repeats.get(pair_key, -1) + 1
-            self.pair_repeats[pair_key] = repeat
-            dup_pair.append(repeat > 0)
-            dup_url.append(url_key in self.seen_urls)
-            self.seen_urls.add(url_key)
-            uids.append(uid_of(url, caption, repeat))
+        urls = table.column("url").to_pylist()
+        captions = table.column("caption").to_pylist()
+        url_digests, pair_digests, uids = [], [], []
+        blake2b = hashlib.blake2b
+        for url, caption in zip(urls, captions):
+            url = url or ""
+            pair = blake2b(f"{url}\x00{caption or ''}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            pair_digests.append(pair[:8])
+            uids.append(pair.hex())  # = uid_of(url, caption)
+            url_digests.append(blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest())
+        seen = self.urls.add(np.frombuffer(b"".join(url_digests), np.uint64))
+        repeats = self.pairs.add(np.frombuffer(b"".join(pair_digests), np.uint64))
+        for i in np.flatnonzero(repeats).tolist():  # an exact repeat: its pair's uid plus its number
+            uids[i] = uid_of(urls[i], captions[i], int(repeats[i]))
         return (
             table.add_column(0, "uid", pa.array(uids, pa.string()))
-            .append_column("dup_url", pa.array(dup_url, pa.bool_()))
-            .append_column("dup_url_caption", pa.array(dup_pair, pa.bool_()))
+            .append_column("dup_url", pa.array(seen > 0))
+            .append_column("dup_url_caption", pa.array(repeats > 0))
         )
 
 
 def iter_input_shards(
-    path: str | Path, fmt: str = "auto", url_col: str = "url", caption_col: str = "caption",
-    shard_size: int = 10_000,
+    path: str | AnyPath, fmt: str = "auto", url_col: str = "url", caption_col: str = "caption",
+    shard_size: int = 10_000, spread_domains: bool = False, spill_dir: str | Path | None = None,
 ) -> Iterator[pa.Table]:
     """Yield the input as consecutive shards of ``shard_size`` rows, each with uid and dup flags.
 
+    With ``spread_domains`` each domain's rows are dealt over all the shards (see ``_spread_shards``;
+    it spills the pool once to a temporary folder under ``spill_dir``, default the system's).
     Raises ValueError (one line) for a missing file, an unknown format or missing columns."""
-    source = Path(path)
+    source = as_path(path)
     if not source.exists():
         raise ValueError(f"input {source} does not exist")
     fmt = detect_format(source) if fmt == "auto" else fmt
+
+    def read() -> Iterator[pa.Table]:
+        if fmt == "webdataset":
+            return _read_webdataset(source)
+        return (_normalise(t, url_col, caption_col, source) for t in _read_batches_checked(source, fmt))
+
+    if spread_domains:
+        yield from _spread_shards(read, shard_size, spill_dir)
+        return
     assign = UidAssigner()
-    if fmt == "webdataset":
-        batches = _read_webdataset(source)
-    else:
-        batches = (_normalise(t, url_col, caption_col, source) for t in _read_batches_checked(source, fmt))
     pending: list[pa.Table] = []
     pending_rows = 0
-    for batch in batches:
+    for batch in read():
         pending.append(assign(batch))
         pending_rows += batch.num_rows
         while pending_rows >= shard_size:
@@ -240,7 +330,151 @@ def iter_input_shards(
         yield pa.concat_tables(pending, promote_options="permissive").combine_chunks()
 
 
-def _read_batches_checked(source: Path, fmt: str) -> Iterator[pa.Table]:
+# --- spreading domains over the shards ---------------------------------------------------------
+
+_SHARD, _SLOT = "__spread_shard", "__spread_slot"
+
+
+def _spread_shards(read: Callable[[], Iterator[pa.Table]], shard_size: int,
+                   spill_dir: str | Path | None) -> Iterator[pa.Table]:
+    """Shards in which every domain's rows are dealt over all N = ceil(rows / shard_size) shards.
+
+    Lay the pool out grouped by domain (domains in order of first appearance, each domain's rows in
+    input order) and deal that sequence like cards: grouped position g goes to shard g mod N. A
+    domain of c rows thus puts floor(c/N) or ceil(c/N) rows in every shard, and shards hold
+    rows // N or rows // N + 1 rows. Inside a shard, rows go round-robin over its domains
+    (``spread_by_domain``). When the rows are a whole number of shards this is exactly
+    ``spread_by_domain(pool, N)``, without ever holding the pool.
+
+    Memory stays bounded, at the cost of reading the input twice and writing it once to disk:
+    pass 1 counts rows per domain (memory per distinct domain, never per row); pass 2 assigns uids
+    and dup flags in input order (exactly as without spreading), computes each row's shard and slot
+    from its domain's offset and its rank within the domain, and appends rows to bucket files, each
+    covering a run of consecutive shards; pass 3 reads one bucket at a time and yields its shards.
+    About ``SPREAD_MEMORY_ROWS`` rows are buffered or loaded at once (or one shard, if shards are
+    bigger; or 1/256 of the pool past 128M rows, so that the buckets stay 256 files), on top of
+    the dedup digests every ingest keeps. The first shard comes out only after the whole input has
+    been read twice. A bounded sliding window (spread within each run of W shards) would need one pass and no
+    disk, but a domain clustered in the input would then hit W workers at once, and spreading only
+    helps politeness if a domain's rows are diluted over the whole run."""
+    deal = _DomainDeal(read(), shard_size)
+    if deal.rows == 0:
+        return
+    shards_per_bucket = max(1, SPREAD_MEMORY_ROWS // shard_size, -(-deal.n_shards // _MAX_SPILL_BUCKETS))
+    n_buckets = -(-deal.n_shards // shards_per_bucket)
+    # A hidden ".tmp" name: a run directory's sweep of temporaries removes a spill a killed ingest left.
+    with tempfile.TemporaryDirectory(prefix=".spread-", suffix=".tmp", dir=spill_dir) as folder:
+        spill = _Spill(Path(folder), n_buckets, max(shard_size, SPREAD_MEMORY_ROWS))
+        assign = UidAssigner()
+        for batch in read():
+            shard, slot = deal.place(batch.column("url"))
+            batch = assign(batch).append_column(_SHARD, pa.array(shard)).append_column(_SLOT, pa.array(slot))
+            spill.add(batch, shard // shards_per_bucket)
+        spill.flush()
+        deal.check_complete()
+        for bucket in range(n_buckets):
+            table = spill.take(bucket)
+            shards = table.column(_SHARD).to_numpy()
+            order = np.lexsort((table.column(_SLOT).to_numpy(), shards))
+            shards = shards[order]
+            table = table.drop_columns([_SHARD, _SLOT])
+            starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+            for start, stop in zip(starts, [*starts[1:], len(shards)]):  # copy one shard at a time
+                yield spread_by_domain(table.take(pa.array(order[start:stop])), 1).combine_chunks()
+
+
+class _DomainDeal:
+    """Where each row goes: pass 1 (the constructor) counts rows per domain, ``place`` then turns a
+    batch's hosts into (shard, slot) in input order."""
+
+    def __init__(self, batches: Iterator[pa.Table], shard_size: int):
+        counts: dict[str, int] = {}  # insertion order = order of first appearance
+        for batch in batches:
+            hosts = pc.dictionary_encode(url_hosts(batch.column("url")))
+            per_host = np.bincount(hosts.indices.to_numpy(zero_copy_only=False), minlength=len(hosts.dictionary))
+            for host, count in zip(hosts.dictionary.to_pylist(), per_host.tolist()):
+                counts[host] = counts.get(host, 0) + count
+        self.ids = {host: i for i, host in enumerate(counts)}
+        sizes = np.fromiter(counts.values(), np.int64, len(counts))
+        self.offsets = np.cumsum(sizes) - sizes  # where each domain's run starts when grouped
+        self.sizes = sizes
+        self.taken = np.zeros(len(counts), np.int64)  # rows of each domain placed so far
+        self.rows = int(sizes.sum())
+        self.n_shards = max(1, -(-self.rows // shard_size))
+
+    def place(self, urls: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        hosts = pc.dictionary_encode(url_hosts(urls))
+        try:
+            known = np.array([self.ids[h] for h in hosts.dictionary.to_pylist()], np.int64)
+        except KeyError:
+            raise ValueError("the input changed while it was being read twice (spread_domains)") from None
+        ids = known[hosts.indices.to_numpy(zero_copy_only=False)]
+        # Rank of each row among this batch's rows of its domain, in input order.
+        order = np.argsort(ids, kind="stable")
+        grouped = ids[order]
+        position = np.arange(len(ids))
+        first = np.maximum.accumulate(np.where(np.r_[True, grouped[1:] != grouped[:-1]], position, 0))
+        within = np.empty(len(ids), np.int64)
+        within[order] = position - first
+        grouped_position = self.offsets[ids] + self.taken[ids] + within
+        unique, counts = np.unique(ids, return_counts=True)
+        self.taken[unique] += counts
+        if np.any(self.taken[unique] > self.sizes[unique]):
+            raise ValueError("the input changed while it was being read twice (spread_domains)")
+        return grouped_position % self.n_shards, grouped_position // self.n_shards
+
+    def check_complete(self) -> None:
+        if not np.array_equal(self.taken, self.sizes):
+            raise ValueError("the input changed while it was being read twice (spread_domains)")
+
+
+class _Spill:
+    """Rows bucketed on disk. Each bucket is one file of length-prefixed Arrow IPC streams, appended
+    to whenever the buffered rows reach ``buffer_rows``: files stay few (one per bucket) and none
+    is held open."""
+
+    def __init__(self, folder: Path, n_buckets: int, buffer_rows: int):
+        self.paths = [folder / f"bucket-{b:05d}.arrows" for b in range(n_buckets)]
+        self.buffer_rows = buffer_rows
+        self.buffers: dict[int, list[pa.Table]] = {}
+        self.buffered = 0
+
+    def add(self, table: pa.Table, buckets: np.ndarray) -> None:
+        order = np.argsort(buckets, kind="stable")
+        table, buckets = table.take(pa.array(order)), buckets[order]
+        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+        for start, stop in zip(starts, [*starts[1:], len(buckets)]):
+            self.buffers.setdefault(int(buckets[start]), []).append(table.slice(start, stop - start))
+        self.buffered += table.num_rows
+        if self.buffered >= self.buffer_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        for bucket, tables in self.buffers.items():
+            table = pa.concat_tables(tables, promote_options="permissive")
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            data = sink.getvalue()
+            with open(self.paths[bucket], "ab") as handle:
+                handle.write(len(data).to_bytes(8, "little"))
+                handle.write(data)
+        self.buffers.clear()
+        self.buffered = 0
+
+    def take(self, bucket: int) -> pa.Table:
+        """The bucket's rows, as chunks over the bytes read (no copy); its file is deleted, so disk
+        use shrinks as shards go out."""
+        tables = []
+        with open(self.paths[bucket], "rb") as handle:
+            while header := handle.read(8):
+                data = pa.py_buffer(handle.read(int.from_bytes(header, "little")))
+                tables.append(pa.ipc.open_stream(data).read_all())
+        os.unlink(self.paths[bucket])
+        return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _read_batches_checked(source: AnyPath, fmt: str) -> Iterator[pa.Table]:
     try:
         yield from _read_batches(source, fmt)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError, EOFError) as exc:

@@ -248,3 +248,35 @@ def test_an_ablation_reuses_the_finished_prefix_and_recomputes_the_rest(tmp_path
     assert verify_run(tmp_path / "variant").ok
     # the original run is untouched by the variant's writes (atomic renames replace, never write through)
     assert versions(RunDir(tmp_path / "run"), "caption_length") == first and verify_run(tmp_path / "run").ok
+
+
+def test_spread_domains_deals_each_domain_over_the_input_shards_of_a_run(tmp_path):
+    """`input.spread_domains` through `pairsift run`: the same rows and uids as a plain run, each
+    domain over every shard, and a spill a killed ingest left behind is swept on the next run."""
+    blocks = [320, 160, 120, 40]  # a list sorted by domain: plain shards would each hammer one host
+    rows = [{"url": f"http://host{d}.test/{i}.jpg", "caption": f"caption number {d} {i}"}
+            for d, n in enumerate(blocks) for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pool.parquet")
+    plain_cfg = config(tmp_path, min_chars=1) | {"run_dir": str(tmp_path / "plain")}
+    spread_cfg = config(tmp_path, min_chars=1)
+    spread_cfg["input"] = spread_cfg["input"] | {"spread_domains": True}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/.spread-left-by-a-kill.tmp").mkdir()
+    (tmp_path / "run/.spread-left-by-a-kill.tmp/bucket-00000.parquet").write_bytes(b"partial")
+    run_pipeline(parse_config(plain_cfg))
+    run_pipeline(parse_config(spread_cfg))
+
+    def ingested(root: Path) -> list[pa.Table]:
+        return [pq.read_table(p) for p in sorted((root / "ingest").glob("part-*.parquet"))]
+
+    plain, spread = ingested(tmp_path / "plain"), ingested(tmp_path / "run")
+    assert sorted(pa.concat_tables(spread).column("uid").to_pylist()) == \
+           sorted(pa.concat_tables(plain).column("uid").to_pylist())
+    host = lambda url: url.split("/")[2]  # noqa: E731
+    total = {h: sum(host(r["url"]) == h for r in rows) for h in {host(r["url"]) for r in rows}}
+    for shard in spread:  # 10 shards: every domain's rows dealt evenly
+        counts = {h: sum(host(u) == h for u in shard.column("url").to_pylist()) for h in total}
+        assert all(abs(counts[h] - total[h] / len(spread)) <= 1 for h in total), counts
+    assert len({host(u) for u in plain[0].column("url").to_pylist()}) == 1  # what spreading prevents
+    assert not list((tmp_path / "run").glob(".spread-*"))
+    assert verify_run(tmp_path / "run").ok

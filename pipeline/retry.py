@@ -1,0 +1,353 @@
+"""Retry only what failed: re-fetch the rows a download stage dropped for transient reasons.
+
+``pairsift run CONFIG --retry-failed [--reasons timeout,...]`` first resumes the run as usual, then,
+for each download stage, re-runs the stage on just the rows of each finished shard whose reason is
+in the retry set. The shard's part is rewritten with the same rows in the same order (later stages
+join on position), the retried rows' columns replaced by their new result; its image tar is rewritten
+with the old images and the new ones in row order; its marker gets a new version. Shards with
+nothing to retry keep their marker, so the stages after download redo exactly the shards whose
+download part changed. One line per retried shard goes to ``<run>/<label>/retries.jsonl``.
+
+A retried shard is replaced in this order: old marker removed, tar, part, new marker. A crash
+anywhere in between leaves a shard without a marker, which the next run redoes whole: never a part
+that disagrees with its marker (the stages after it would trust the marker and misjoin).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from pipeline.config import RunConfig
+from pipeline.errors import UserError
+from pipeline.executor import Job, JobResult, WorkerSpec
+from pipeline.maintenance import taken_down_uids
+from pipeline.run_dir import RunDir, ShardDone, ShardFailed, write_atomic
+from pipeline.shard_runner import (
+    ShardRunner,
+    _add_member,
+    check_output,
+    image_extension,
+    load_input,
+    summarise,
+)
+from stages import stage_class, stage_path
+from stages.base import IMAGE, REASON
+from stages.download import DECODE_ERROR, IMAGE_TOO_LARGE, NOT_AN_IMAGE
+from stages.fetch import BAD_URL, DNS_ERROR, FAILED, OPT_OUT, REFUSED, TIMEOUT, TOO_LARGE
+from stages.politeness import DOMAIN_UNAVAILABLE, RATE_LIMITED, ROBOTS_DISALLOWED
+from stages.storage import AnyPath, atomic_path, is_remote, open_binary, read_parquet, remove
+
+log = logging.getLogger("pairsift")
+DOWNLOAD = "download"
+# Failures that say nothing about the image: the network, the resolver or the server was having a
+# bad moment (HTTP 5xx and dropped connections are failed_to_download; 429/503 end rate_limited).
+TRANSIENT = (TIMEOUT, DNS_ERROR, FAILED, DOMAIN_UNAVAILABLE, RATE_LIMITED)
+# Retried only when asked: a server may have served an error page or a cut file, or changed robots.txt.
+ON_REQUEST = (DECODE_ERROR, NOT_AN_IMAGE, ROBOTS_DISALLOWED)
+NEVER = {
+    OPT_OUT: "the site opted out of AI training",
+    REFUSED: "the address policy refused it and would again",
+    BAD_URL: "the url itself is malformed",
+    TOO_LARGE: "the same download.max_bytes would refuse it again (raising it redoes the stage)",
+    IMAGE_TOO_LARGE: "the same download.max_pixels would refuse it again (raising it redoes the stage)",
+}
+
+
+def parse_reasons(text: str | None) -> tuple[str, ...]:
+    """``--reasons a,b`` as a tuple; the transient set when not given. Checked by ``check_retry``."""
+    if text is None:
+        return TRANSIENT
+    return tuple(dict.fromkeys(r.strip() for r in text.split(",") if r.strip()))
+
+
+def check_retry(cfg: RunConfig, run: RunDir, reasons: Collection[str]) -> frozenset[str]:
+    """Refuse, in one line, a retry that cannot mean what the user wants; return the reason set."""
+    labels = [s.label for s in cfg.stages if s.stage == DOWNLOAD]
+    if not labels:
+        stages = ", ".join(s.label for s in cfg.stages) or "none"
+        raise UserError(f"--retry-failed: the config has no download stage (stages: {stages}); nothing to re-fetch")
+    if not reasons:
+        raise UserError(f"--reasons: no reason given; e.g. --reasons {','.join(TRANSIENT)}")
+    for reason in reasons:
+        if reason in NEVER:
+            raise UserError(f"--reasons: {reason} is never retried: {NEVER[reason]}")
+        if reason not in TRANSIENT + ON_REQUEST:
+            raise UserError(f"--reasons: unknown download reason {reason!r}; retryable: "
+                            f"{', '.join(TRANSIENT + ON_REQUEST)}")
+    if not run.run_json.exists():
+        raise UserError(f"--retry-failed: {run.root} has never run (no run.json); "
+                        "run `pairsift run` without --retry-failed first")
+    hashes = cfg.stage_hashes()
+    for label in labels:
+        finished = current = False
+        for part in run.stage_dir(label).glob("part-*.parquet"):
+            done = run.read_done(part)
+            finished = finished or done is not None
+            if done is not None and done.config_hash == hashes[label]:
+                current = True
+                break
+        if not finished:
+            raise UserError(f"--retry-failed: no {label} shard has finished in {run.root} yet: nothing to retry; "
+                            "run without --retry-failed")
+        if not current:
+            raise UserError(f"--retry-failed: the config of {label} (or of a stage before it) changed since "
+                            f"{run.root} ran, so the whole stage would be redone; run without --retry-failed "
+                            "to do that")
+    return frozenset(reasons)
+
+
+# --- one shard, on a worker ----------------------------------------------------------------------
+
+@dataclass
+class RetryOutcome:
+    shard: int
+    retried: int = 0
+    succeeded: int = 0
+    by_reason: dict[str, list[int]] = field(default_factory=dict)  # old reason -> [retried, now succeeded]
+    still_failing: dict[str, int] = field(default_factory=dict)  # new reason -> rows
+    seconds: float = 0.0
+    version_before: str | None = None
+    done: ShardDone | None = None  # None: nothing was retried (or the shard changed under us)
+
+
+class RetryRunner(ShardRunner):
+    """A ShardRunner that re-runs its (download) stage on a shard's failed rows only."""
+
+    def retry_part(self, shard: int, config_hash: str, version: str, reasons: list[str]) -> RetryOutcome:
+        """Patch the part whose marker has ``version``: its rows failed for ``reasons`` are fetched again."""
+        started = time.perf_counter()
+        part_path = self.run.part(self.label, shard)
+        before = self.run.read_done(part_path)
+        outcome = RetryOutcome(shard, version_before=before.version if before else None)
+        if before is None:  # only an earlier attempt of this job removes it, and then it failed midway
+            raise RuntimeError(f"{self.label} shard {shard}: its marker is gone (an earlier retry stopped "
+                               "midway); the next run redoes the shard whole")
+        if before.config_hash != config_hash or before.version != version:
+            return outcome  # redone since the driver planned: not the part it meant
+        part = read_parquet(part_path)
+        rows = self._rows_to_retry(part, set(reasons))
+        if not rows:
+            return outcome
+        given = load_input(self.run, self.upstream, shard)
+        if given.column("uid") != part.column("uid"):
+            raise RuntimeError(f"{self.label} shard {shard}: its part does not line up with its input; "
+                               "rerun without --retry-failed")
+        subset = given.take(pa.array(rows, pa.int64()))
+        output = check_output(self.stage, subset, self.stage(subset))
+        fresh = output.select(part.column_names).cast(part.schema)
+        merged = merge_rows(part, fresh, rows)
+        new_images = {uid: image for uid, image in zip(subset.column("uid").to_pylist(),
+                                                       output.column(IMAGE).to_pylist()) if image is not None}
+        seconds = time.perf_counter() - started
+        done = ShardDone(config_hash=config_hash, upstream=before.upstream, attempts=before.attempts,
+                         **summarise(merged, before.seconds + seconds))
+        if new_images:
+            remove(self.run.done_of(part_path))  # from here until the new marker, the shard is "not done"
+            rewrite_image_tar(self.run.images(self.label, shard), given, new_images,
+                              set(subset.column("uid").to_pylist()))
+        else:
+            # Every retried row failed again (its reason and error are updated): the rows later stages
+            # see are exactly the same, so their work stays valid and the version stays too.
+            done.version = before.version
+        write_atomic(part_path, merged)
+        self.run.mark_done(part_path, done)
+        old = part.column(REASON).take(pa.array(rows, pa.int64())).to_pylist()
+        new = fresh.column(REASON).to_pylist()
+        for was, now in zip(old, new):
+            counts = outcome.by_reason.setdefault(was, [0, 0])
+            counts[0] += 1
+            counts[1] += now is None
+            if now is not None:
+                outcome.still_failing[now] = outcome.still_failing.get(now, 0) + 1
+        outcome.retried, outcome.succeeded = len(rows), sum(n is None for n in new)
+        outcome.seconds, outcome.done = seconds, done
+        return outcome
+
+    def _rows_to_retry(self, part: pa.Table, reasons: set[str]) -> list[int]:
+        """Positions of rows failed for one of ``reasons``; never a row a takedown removed."""
+        mask = pc.is_in(part.column(REASON), pa.array(sorted(reasons), pa.string())).fill_null(False)
+        taken_down = taken_down_uids(self.run.root)
+        if taken_down:
+            mask = pc.and_(mask, pc.invert(pc.is_in(part.column("uid"), pa.array(sorted(taken_down), pa.string()))))
+        return pc.indices_nonzero(mask).to_pylist()
+
+
+def merge_rows(part: pa.Table, fresh: pa.Table, rows: list[int]) -> pa.Table:
+    """``part`` with row ``rows[i]`` replaced by ``fresh`` row i: same rows, same order."""
+    order = list(range(part.num_rows))
+    for i, row in enumerate(rows):
+        order[row] = part.num_rows + i
+    return pa.concat_tables([part, fresh]).take(pa.array(order, pa.int64())).combine_chunks()
+
+
+def _members(path: AnyPath) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
+    """The members of a tar one at a time, streamed (a remote tar is never held whole)."""
+    if not path.exists():
+        return
+    with open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        for member in tar:
+            data = tar.extractfile(member) if member.isfile() else None
+            yield member, data.read() if data else b""
+
+
+def rewrite_image_tar(path: AnyPath, given: pa.Table, new_images: dict[str, bytes], retried: set[str]) -> None:
+    """The shard's image tar with the retried rows' new images added, every sample in row order
+    (as ``write_image_tar`` would have written it had they succeeded the first time)."""
+    uids = given.column("uid").to_pylist()
+    position = {uid: i for i, uid in enumerate(uids)}
+    urls, captions = given.column("url").to_pylist(), given.column("caption").to_pylist()
+    pending = sorted(position[uid] for uid in new_images)  # new samples, by row
+    next_new = 0
+
+    def add_new(tar: tarfile.TarFile, before: float) -> None:
+        nonlocal next_new
+        while next_new < len(pending) and pending[next_new] < before:
+            i = pending[next_new]
+            image, caption = new_images[uids[i]], captions[i]
+            _add_member(tar, f"{uids[i]}.{image_extension(image)}", image)
+            _add_member(tar, f"{uids[i]}.txt", (caption or "").encode("utf-8", "replace"))
+            _add_member(tar, f"{uids[i]}.json",
+                        json.dumps({"uid": uids[i], "url": urls[i], "caption": caption}).encode())
+            next_new += 1
+
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for member, data in _members(path):
+            key = member.name.rpartition(".")[0]
+            if key in retried:
+                continue  # a failed row has no image; should one be there, the new result replaces it
+            add_new(tar, position.get(key, -1))  # an unknown key stays where it was
+            tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+        add_new(tar, float("inf"))
+
+
+# --- the pass over a stage, on the driver --------------------------------------------------------
+
+@dataclass
+class RetryReport:
+    label: str
+    reasons: list[str]
+    shards_retried: int = 0
+    shards_untouched: int = 0
+    shards_failed: dict[int, str] = field(default_factory=dict)
+    rows_retried: int = 0
+    rows_succeeded: int = 0
+    by_reason: dict[str, list[int]] = field(default_factory=dict)
+    still_failing: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def add(self, outcome: RetryOutcome) -> None:
+        self.shards_retried += outcome.done is not None
+        self.shards_untouched += outcome.done is None
+        self.rows_retried += outcome.retried
+        self.rows_succeeded += outcome.succeeded
+        for reason, (tried, ok) in outcome.by_reason.items():
+            counts = self.by_reason.setdefault(reason, [0, 0])
+            counts[0], counts[1] = counts[0] + tried, counts[1] + ok
+        self.still_failing.update(outcome.still_failing)
+
+    def line(self) -> str:
+        detail = ", ".join(f"{r} {ok}/{n}" for r, (n, ok) in sorted(self.by_reason.items()))
+        text = (f"{self.label} retry ({','.join(self.reasons)}): {self.rows_retried:,} rows in {self.shards_retried} "
+                f"shards re-fetched, {self.rows_succeeded:,} now downloaded"
+                + (f" ({detail})" if detail else "")
+                + f"; {self.shards_untouched} shards untouched")
+        if self.still_failing:
+            text += "; still failing: " + ", ".join(f"{r}={n:,}" for r, n in self.still_failing.most_common())
+        if self.shards_failed:
+            text += f"; {len(self.shards_failed)} shards FAILED (rerun the same command)"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "reasons": self.reasons, "shards_retried": self.shards_retried,
+                "shards_untouched": self.shards_untouched, "shards_failed": self.shards_failed,
+                "rows_retried": self.rows_retried, "rows_succeeded": self.rows_succeeded,
+                "by_reason": self.by_reason, "still_failing": dict(self.still_failing),
+                "seconds": round(self.seconds, 3)}
+
+
+class RetryLog:
+    """``retries.jsonl``: appended line by line on a local disk; on an object store (no appends)
+    written once, whole, when the pass ends."""
+
+    def __init__(self, path: AnyPath):
+        self.path = path
+        self.buffered: list[str] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True) + "\n"
+        if is_remote(self.path):
+            self.buffered.append(line)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+
+    def close(self) -> None:
+        if self.buffered:
+            old = self.path.read_text() if self.path.exists() else ""
+            write_atomic(self.path, old + "".join(self.buffered))
+            self.buffered.clear()
+
+
+def retry_failed_rows(cfg: RunConfig, run: RunDir, executor, n_shards: int, index: int, hashes: dict[str, str],
+                      reasons: frozenset[str]) -> RetryReport:
+    """Retry the rows of stage ``index`` (a download stage) that failed for ``reasons``."""
+    spec = cfg.stages[index]
+    label, stage_hash = spec.label, hashes[spec.label]
+    upstream = ["ingest"] + [s.label for s in cfg.stages[:index]]
+    report = RetryReport(label, sorted(reasons))
+    jobs = []
+    for shard in range(n_shards):
+        done = run.read_done(run.part(label, shard))
+        inputs = [run.version_of(run.part(earlier, shard)) for earlier in upstream]
+        if done is None or done.config_hash != stage_hash or done.upstream != inputs:
+            continue  # not finished, failed, or blocked by an earlier stage: the normal pass owns it
+        if any(done.dropped.get(reason) for reason in reasons):
+            jobs.append(Job(shard, "retry_part", (stage_hash, done.version, sorted(reasons))))
+        else:
+            report.shards_untouched += 1
+    cls = stage_class(spec.stage)
+    worker = WorkerSpec(RetryRunner, {"run_root": str(run.root), "stage_path": stage_path(spec.stage),
+                                      "config": spec.config.model_dump(), "label": label, "upstream": upstream},
+                        cls(spec.config).resources, cls.stateful)
+    retry_log = RetryLog(run.stage_dir(label) / "retries.jsonl")
+    started = time.perf_counter()
+    try:
+        with tqdm(total=len(jobs), desc=f"{label} (retry)", unit=" shard", leave=False) as bar:
+            def on_result(result: JobResult) -> None:
+                bar.update(1)
+                if result.ok:
+                    outcome: RetryOutcome = result.value
+                    report.add(outcome)
+                    if outcome.done is not None:
+                        retry_log.add({"time": time.time(), "shard": outcome.shard,
+                                       "rows_retried": outcome.retried, "succeeded": outcome.succeeded,
+                                       "by_reason": outcome.by_reason, "still_failing": outcome.still_failing,
+                                       "version_before": outcome.version_before,
+                                       "version_after": outcome.done.version})
+                    return
+                path = run.part(label, result.job.shard)
+                error = result.errors[0] if result.errors else result.error or "failed"  # the cause, not the echo
+                report.shards_failed[result.job.shard] = error
+                log.warning("%s retry: shard %d failed after %d attempts: %s", label, result.job.shard,
+                            result.job.attempts, error)
+                if run.read_done(path) is None:  # it got as far as removing the marker: redo it whole later
+                    run.mark_failed(path, ShardFailed(config_hash=stage_hash, error=error,
+                                                      attempts=result.job.attempts))
+            executor.map(worker, jobs, on_result)
+    finally:
+        retry_log.close()
+        report.seconds = time.perf_counter() - started
+    return report
