@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -336,22 +337,46 @@ def inspect_image(data: bytes, max_pixels: int) -> bytes:
         except UnidentifiedImageError:
             raise Rejected(NOT_AN_IMAGE, f"not an image: {describe_bytes(data)}") from None
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for broken headers
+            canvas = webp_canvas(data)  # libwebp refuses a canvas its frame does not fill: say why
+            if canvas and canvas[0] * canvas[1] > max_pixels:
+                raise Rejected(IMAGE_TOO_LARGE, _too_large(*canvas, max_pixels)) from None
             raise Rejected(DECODE_ERROR, f"broken image header: {type(exc).__name__}: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise Rejected(IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels is above {max_pixels}")
+        raise Rejected(IMAGE_TOO_LARGE, _too_large(width, height, max_pixels))
     if width == 0 or height == 0:
         raise Rejected(DECODE_ERROR, f"empty image {width}x{height}")
     orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ORIENTED_FORMATS else 1
-    if orientation in range(2, 9) or image.format not in CV2_FORMATS:
+    if orientation in range(2, 9) or image.format not in CV2_FORMATS or _sixteen_bit(data, image):
         return _upright_png(image)
     return data
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> str:
+    return f"{width}x{height} = {width * height} pixels is above {max_pixels}"
+
+
+def webp_canvas(data: bytes) -> tuple[int, int] | None:
+    """The canvas an extended-format WebP (VP8X chunk) declares, from its first 30 bytes."""
+    if len(data) < 30 or data[:4] != b"RIFF" or data[8:16] != b"WEBPVP8X":
+        return None
+    return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+
+
+def _sixteen_bit(data: bytes, image: Image.Image) -> bool:
+    """16 bits per channel: OpenCV would keep them, and its 8-bit encoders then saturate every pixel
+    to white. PIL reads such files as 8 bits (the high byte), so they take the PIL path."""
+    png_depth = data[24] if image.format == "PNG" and len(data) > 24 and data[12:16] == b"IHDR" else 8
+    return png_depth == 16 or image.mode.startswith("I;16") or image.mode == "I"
 
 
 def _upright_png(image: Image.Image) -> bytes:
     """Decode with PIL, apply the EXIF orientation, re-encode losslessly (fast PNG) for the Resizer."""
     try:
         image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: scale, don't clip, to 8 bits
+            scale = 256 if image.mode.startswith("I;16") or max(image.getextrema()) > 255 else 1
+            image = Image.fromarray((np.asarray(image, np.uint32) // scale).clip(0, 255).astype(np.uint8), "L")
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
             has_alpha = "A" in image.getbands() or "transparency" in image.info
             image = image.convert("RGBA" if has_alpha else "RGB")

@@ -54,6 +54,10 @@ ENDPOINTS: dict[str, str | None] = {
     "/truncated.jpg": "decode_error",
     "/corrupt.jpg": "decode_error",
     "/bomb.png": "image_too_large",
+    "/bomb.jpg": "image_too_large",  # a 64x48 JPEG whose frame header says 50,000 x 50,000
+    "/bomb.webp": "image_too_large",  # a 64x48 WebP in an extended (VP8X) canvas of 50,000 x 50,000
+    "/16bit.png": None,  # 16 bits per channel: kept, and not saturated to white
+    "/16bit-gray.png": None,
     # Content-Encoding bombs, sent although we ask for identity: never inflated, so the body is
     # a few MB of compressed bytes that are no image.
     "/gzip-bomb": "not_an_image",
@@ -194,6 +198,35 @@ def _animated_gif() -> bytes:
     return buffer.getvalue()
 
 
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    """A real small JPEG with its frame header (SOF0) rewritten to claim ``width`` x ``height``."""
+    data = bytearray(encode(Image.new("RGB", (64, 48), "red"), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+def _webp_declaring(width: int, height: int) -> bytes:
+    """A real small lossy WebP wrapped in an extended-format (VP8X) canvas of ``width`` x ``height``."""
+    simple = encode(Image.new("RGB", (64, 48), "red"), "WEBP")
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (width - 1).to_bytes(3, "little") + \
+        (height - 1).to_bytes(3, "little")
+    body = b"WEBP" + vp8x + simple[12:]
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def sixteen_bit_png(channels: int) -> bytes:
+    """A 60x40 16-bit PNG: left half at 1/8 of full scale, right half at 1/2 (32 and 128 in 8 bits)."""
+    import cv2
+    import numpy as np
+
+    pixels = np.full((40, 60, channels) if channels > 1 else (40, 60), 32768, np.uint16)
+    pixels[:, :30] = 8192
+    ok, data = cv2.imencode(".png", pixels)
+    assert ok
+    return data.tobytes()
+
+
 def build_images() -> dict[str, bytes]:
     photo = draw_photo(400, 320, seed=0)
     ok_jpg = encode(photo, "JPEG", quality=90)
@@ -204,6 +237,10 @@ def build_images() -> dict[str, bytes]:
         "cmyk.jpg": encode(photo.convert("CMYK"), "JPEG", quality=90),
         "animated.gif": _animated_gif(),
         "exif-rotated.jpg": _exif_rotated(),
+        "bomb.jpg": _jpeg_declaring(BOMB_SIDE, BOMB_SIDE),
+        "bomb.webp": _webp_declaring(BOMB_SIDE, BOMB_SIDE),
+        "16bit.png": sixteen_bit_png(3),
+        "16bit-gray.png": sixteen_bit_png(1),
         "truncated.jpg": ok_jpg[: len(ok_jpg) * 6 // 10],
         # A valid JPEG header and tables, then garbage where the scan data should be.
         "corrupt.jpg": ok_jpg[:700] + bytes(random.Random(1).randrange(256) for _ in range(4000)),

@@ -163,6 +163,24 @@ def test_cmyk_and_animated_images_come_back_rgb(server):
     assert gif.convert("RGB").getpixel((60, 45))[0] > 200  # first frame is red
 
 
+def test_sixteen_bit_images_keep_their_tones(server):
+    """OpenCV keeps 16 bits per channel, and its 8-bit encoders then saturate every pixel to white;
+    the stage decodes such files to 8 bits (the high byte) first: 1/8 and 1/2 of full scale stay
+    32 and 128."""
+    rows = run(make_stage(resize_mode="no"), [server.url("/16bit.png"), server.url("/16bit-gray.png")]).to_pylist()
+    for row in rows:
+        assert row["reason"] is None, row["error"]
+        image = Image.open(io.BytesIO(row["image"])).convert("L")
+        assert image.size == (60, 40)
+        assert abs(image.getpixel((10, 20)) - 32) <= 3 and abs(image.getpixel((50, 20)) - 128) <= 3
+
+
+def test_jpeg_and_webp_headers_declaring_50000_squared_are_refused_unread(server):
+    rows = run(make_stage(), [server.url("/bomb.jpg"), server.url("/bomb.webp")]).to_pylist()
+    assert [r["reason"] for r in rows] == ["image_too_large", "image_too_large"], [r["error"] for r in rows]
+    assert all("2500000000 pixels" in r["error"] for r in rows), [r["error"] for r in rows]
+
+
 def test_bomb_is_refused_from_its_header_without_decoding(server):
     """An 8,000² PNG bomb (64 MB decoded): refused in milliseconds with almost no memory when over
     max_pixels; the same file under a higher max_pixels is decoded, proving the measurement sees it."""
