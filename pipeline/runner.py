@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from pipeline.config import RunConfig, config_hash
@@ -87,7 +88,7 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
             return int(manifest["n_shards"])
     except (OSError, ValueError, KeyError):
         pass
-    started, rows, n_shards = time.perf_counter(), 0, 0
+    started, rows, usable, n_shards = time.perf_counter(), 0, 0, 0
     source = cfg.input
     try:
         shards = iter_input_shards(source.path, source.format, source.url_col, source.caption_col,
@@ -96,6 +97,7 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
         with tqdm(desc="ingest", unit=" rows", leave=False) as bar:
             for index, table in enumerate(shards):
                 path = run.part("ingest", index)
+                usable += _usable_rows(table)
                 if IMAGE in table.column_names:
                     write_image_tar(run.images("ingest", index), table)
                     table = table.drop_columns([IMAGE])
@@ -109,6 +111,9 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
         raise UserError(str(exc)) from None
     if rows == 0:
         raise UserError(f"input {source.path} has no rows: nothing to curate")
+    if usable == 0:  # every row would be dropped: say so now, not after a run that writes nothing
+        raise UserError(f"input {source.path}: none of its {rows:,} rows has a url (column {source.url_col!r} "
+                        "is empty or null in every row) or an image: nothing to curate; check input.url_col")
     for stale in run.stage_dir("ingest").glob("part-*.parquet"):
         if int(stale.name[5:10]) >= n_shards:
             remove(stale)
@@ -116,6 +121,14 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
     write_atomic(manifest_path, json.dumps({"config_hash": ingest_hash, "n_shards": n_shards, "rows": rows}))
     log.info("ingest: %d rows in %d shards (%.0f rows/s)", rows, n_shards, rows / (time.perf_counter() - started))
     return n_shards
+
+
+def _usable_rows(table: pa.Table) -> int:
+    """Rows with a url to fetch, or an image already (webdataset input)."""
+    usable = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(table.column("url"))), 0), False)
+    if IMAGE in table.column_names:
+        usable = pc.or_(usable, pc.is_valid(table.column(IMAGE)))
+    return pc.sum(usable).as_py() or 0
 
 
 # --- stages ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from toy_stages import TOY_STAGES
 
 from pipeline.catalog import funnel, query
 from pipeline.config import parse_config
+from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
 from pipeline.runner import run_pipeline
 from pipeline.verify import verify_run
@@ -280,3 +281,12 @@ def test_spread_domains_deals_each_domain_over_the_input_shards_of_a_run(tmp_pat
     assert len({host(u) for u in plain[0].column("url").to_pylist()}) == 1  # what spreading prevents
     assert not list((tmp_path / "run").glob(".spread-*"))
     assert verify_run(tmp_path / "run").ok
+
+
+def test_an_input_without_one_usable_url_fails_fast_with_one_line(tmp_path):
+    rows = [{"url": [None, "", "   "][i % 3], "caption": f"caption {i}"} for i in range(30)]
+    pq.write_table(pa.Table.from_pylist(rows, pa.schema([("url", pa.string()), ("caption", pa.string())])),
+                   tmp_path / "pool.parquet")
+    with pytest.raises(UserError, match=r"none of its 30 rows has a url \(column 'url'"):
+        run_pipeline(parse_config(config(tmp_path)))
+    assert not list((tmp_path / "run").glob("caption_length/part-*"))  # no stage ran
