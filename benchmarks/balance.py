@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -169,22 +169,6 @@ def compare_matchers(entries: Sequence[str], captions: list[str], chunk: int, re
 # ---- 2. the whole stage over a pool ---------------------------------------------------------------
 
 
-class StoredPartials(Sequence[pa.Table]):
-    """Partials kept on disk, read one at a time (what an executor with bounded memory passes)."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return pq.read_table(self.paths[index])
-
-    def __iter__(self) -> Iterator[pa.Table]:
-        return (pq.read_table(p) for p in self.paths)
-
-
 def write_pool(directory: Path, maker: CaptionMaker, n_captions: int, shard_size: int) -> list[Path]:
     import hashlib
 
@@ -206,6 +190,8 @@ def write_pool(directory: Path, maker: CaptionMaker, n_captions: int, shard_size
 
 def run_pool(metadata: str, shard_paths: list[Path], work: Path, t: int) -> dict:
     """The stage as the executor drives it; runs in a fresh process so peak RSS is this run's."""
+    from pipeline.runner import StoredPartials  # what the runner hands a fit: one partial at a time
+
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     stage = Balance(BalanceConfig(metadata=metadata, t=t, seed=0))
     stage.setup()

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -259,24 +259,6 @@ def run_text_filter(spec: dict) -> dict:
             "setup_s": 0.0, "base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
 
 
-class StoredPartials(Sequence[pa.Table]):
-    """Partials on disk, read one at a time (what the runner hands a fit)."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [pq.read_table(p) for p in self.paths[index]]
-        return pq.read_table(self.paths[index])
-
-    def __iter__(self) -> Iterator[pa.Table]:
-        return (pq.read_table(p) for p in self.paths)
-
-
 def _alive(work: Path, name: str) -> pa.Table:
     """The rows the executor would pass balance: ingested rows the text filter kept, with its columns."""
     shard = pq.read_table(work / "ingest" / name, columns=["uid", "url", "caption"])
@@ -286,11 +268,13 @@ def _alive(work: Path, name: str) -> pa.Table:
 
 
 def run_balance(spec: dict) -> dict:
+    from pipeline.runner import StoredPartials  # what the runner hands a fit: one partial at a time
     from stages.balance import Balance, BalanceConfig
 
     work = Path(spec["work"])
     out = work / "balance"
     out.mkdir(parents=True, exist_ok=True)
+
     setup_wall = time.perf_counter()
     stage = Balance(BalanceConfig(**spec["config"]))
     stage.setup()  # the matcher for the metadata: once per worker, reported apart

@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cluster_stages import (
-    CLUSTER_STAGES,
     WorkerKiller,
     busy_workers,
     cli_argv,
@@ -31,25 +30,15 @@ from cluster_stages import (
     temp_files,
     wait_until_idle,
 )
-from toy_stages import TOY_STAGES
 
 from pipeline.config import parse_config
 from pipeline.run_dir import RunDir
 from pipeline.runner import run_pipeline
 from pipeline.verify import verify_run
-from stages import STAGES
 
 ROWS, SHARD_ROWS = 240, 60  # 4 input shards
 MAX_RETRIES = 3
 KILLS_PER_RUN = 2  # within the retries, so every kill must be survived by the run it hits
-
-
-@pytest.fixture(scope="module")
-def registry():
-    with pytest.MonkeyPatch.context() as patch:
-        for name, path in (TOY_STAGES | CLUSTER_STAGES).items():
-            patch.setitem(STAGES, name, path)
-        yield
 
 
 def make_pool(path: Path, n: int = ROWS) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 from cluster_stages import (
-    CLUSTER_STAGES,
     cli_argv,
     differences,
     duplicated_samples,
@@ -34,14 +33,12 @@ from cluster_stages import (
     read_trace,
     temp_files,
 )
-from toy_stages import TOY_STAGES
 
 from pipeline.config import load_config, parse_config
 from pipeline.runner import run_pipeline
 from pipeline.serve import serve
 from pipeline.synth import synthesize
 from pipeline.verify import verify_run
-from stages import STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -142,14 +139,6 @@ def cluster():
         table = process_table()
         shutil.rmtree(root, ignore_errors=True)
         assert not left, f"processes left behind: {[(p, table.get(p, (0, '', ''))[2][:80]) for p in left]}"
-
-
-@pytest.fixture(scope="module")
-def registry():
-    with pytest.MonkeyPatch.context() as patch:
-        for name, path in (TOY_STAGES | CLUSTER_STAGES).items():
-            patch.setitem(STAGES, name, path)
-        yield
 
 
 def trace_by_shard(trace_dir: Path) -> dict[str, list[dict]]:

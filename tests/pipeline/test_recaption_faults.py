@@ -25,16 +25,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
-from cluster_stages import CLUSTER_STAGES, duplicated_samples, process_table
-from toy_stages import TOY_STAGES
+from cluster_stages import duplicated_samples, process_table
 
 from pipeline.catalog import query
 from pipeline.config import parse_config
 from pipeline.run_dir import RunDir
 from pipeline.runner import run_pipeline
 from pipeline.verify import verify_run
-from stages import STAGES
 from stages.engines import EngineConfig
 from stages.recaption import Rewrite, RewriteConfig, parse_completion, sanitize, validate_rewrite
 
@@ -182,14 +179,6 @@ def kill_trapped_sender(server, out: dict) -> None:
         server.killed.set()
     finally:
         server.released.set()
-
-
-@pytest.fixture(scope="module")
-def registry():
-    with pytest.MonkeyPatch.context() as patch:
-        for name, path in (TOY_STAGES | CLUSTER_STAGES).items():
-            patch.setitem(STAGES, name, path)
-        yield
 
 
 def make_pool(path: Path) -> None:
