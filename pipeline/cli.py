@@ -203,7 +203,7 @@ def serve(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where the corpus and the run go")] = Path("runs/demo"),
-    size: Annotated[str, typer.Option(help="small | default | large")] = "default",
+    size: Annotated[str, typer.Option(help="tiny | small | default | large")] = "default",
     seed: Annotated[int, typer.Option()] = 0,
     executor: Annotated[str, typer.Option(help="ray or local")] = "ray",
     threads: Annotated[int | None, typer.Option(help="torch threads per training (1 on a busy machine)")] = None,
