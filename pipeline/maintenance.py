@@ -44,8 +44,7 @@ from stages.storage import (
     AnyPath,
     as_path,
     is_remote,
-    open_binary,
-    parquet_file,
+    open_parquet,
     publish,
     read_parquet,
     remove,
@@ -166,7 +165,7 @@ def copy_tar_members(src: AnyPath, dst: Path, keep: Callable[[str], bool]) -> li
     """Stream the members of ``src`` whose key ``keep`` accepts into a new tar at ``dst``, header and
     bytes unchanged (nothing is decoded). Returns the kept keys in order."""
     kept: list[str] = []
-    with open_binary(src) as handle, tarfile.open(fileobj=handle, mode="r|") as source, \
+    with src.open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as source, \
             tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as out:
         for member in source:
             source.members.clear()  # tarfile keeps every header it read: memory would grow with the tar
@@ -182,7 +181,7 @@ def copy_tar_members(src: AnyPath, dst: Path, keep: Callable[[str], bool]) -> li
 
 def tar_keys(path: AnyPath) -> set[str]:
     """The sample keys in a tar, from its headers only (seeks over the data)."""
-    with open_binary(path) as handle, tarfile.open(fileobj=handle) as tar:
+    with path.open("rb") as handle, tarfile.open(fileobj=handle) as tar:
         return {sample_key(m.name) for m in tar}
 
 
@@ -200,7 +199,8 @@ def _read_shard_table(tar_path: AnyPath, columns: list[str] | None = None, need:
     table_path = tar_path.with_suffix(".parquet")
     if not table_path.exists():
         raise UserError(f"{table_path}: missing; every shard's parquet must sit beside its tar (`pairsift verify`)")
-    names = parquet_file(table_path).schema_arrow.names
+    with open_parquet(table_path) as reader:
+        names = reader.schema_arrow.names
     for name in set(need) | set(columns or ()):
         if name not in names:
             raise UserError(f"{table_path}: has no '{name}' column, so samples cannot be selected by it")
@@ -474,8 +474,10 @@ def _update_sizes(run: RunDir, touched: list[str]) -> None:
     """Set the touched shards' counts from their parquet (its footer: no rows are read)."""
     path = run.shards_dir / "sizes.json"
     sizes = json.loads(path.read_text())
-    fresh = sizes | {name: parquet_file((run.shards_dir / name).with_suffix(".parquet")).metadata.num_rows
-                     for name in touched}
+    fresh = dict(sizes)
+    for name in touched:
+        with open_parquet((run.shards_dir / name).with_suffix(".parquet")) as reader:
+            fresh[name] = reader.metadata.num_rows
     if fresh != sizes:
         write_atomic(path, json.dumps(fresh, indent=1))
 

@@ -32,7 +32,7 @@ from matplotlib.patches import Patch
 
 from pipeline.catalog import funnel, open_catalog, stage_labels
 from pipeline.run_dir import RunDir, ShardFailed, write_atomic
-from stages.storage import as_path, open_binary
+from stages.storage import as_path
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
 SAMPLES_PER_GROUP = 8
@@ -433,7 +433,7 @@ def read_images(tar_path: Path, wanted: set[str]) -> dict[str, bytes]:
     spread over a hundred shards stay cheap. Extended headers (pax, GNU long names) go to tarfile."""
     found: dict[str, bytes] = {}
     try:
-        with open_binary(tar_path) as handle:
+        with tar_path.open("rb") as handle:
             while len(found) < len(wanted):
                 header = handle.read(512)
                 if len(header) < 512 or not header.strip(b"\0"):
@@ -456,7 +456,7 @@ def read_images(tar_path: Path, wanted: set[str]) -> dict[str, bytes]:
 def read_images_tarfile(tar_path: Path, wanted: set[str]) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     try:
-        with open_binary(tar_path) as raw, tarfile.open(fileobj=raw) as tar:
+        with tar_path.open("rb") as raw, tarfile.open(fileobj=raw) as tar:
             for member in tar:
                 key, _, ext = member.name.rpartition(".")
                 if key in wanted and ext.lower() in IMAGE_EXTENSIONS and member.isfile():

@@ -47,7 +47,7 @@ from stages.base import IMAGE, REASON
 from stages.download import DECODE_ERROR, IMAGE_TOO_LARGE, NOT_AN_IMAGE
 from stages.fetch import BAD_URL, DNS_ERROR, FAILED, OPT_OUT, REFUSED, TIMEOUT, TOO_LARGE
 from stages.politeness import DOMAIN_UNAVAILABLE, RATE_LIMITED, ROBOTS_DISALLOWED
-from stages.storage import AnyPath, atomic_path, is_remote, open_binary, read_parquet, remove
+from stages.storage import AnyPath, atomic_path, is_remote, read_parquet, remove
 
 log = logging.getLogger("pairsift")
 DOWNLOAD = "download"
@@ -196,7 +196,7 @@ def _members(path: AnyPath) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
     """The members of a tar one at a time, streamed (a remote tar is never held whole)."""
     if not path.exists():
         return
-    with open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+    with path.open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         for member in tar:
             data = tar.extractfile(member) if member.isfile() else None
             yield member, data.read() if data else b""

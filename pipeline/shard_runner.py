@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from pipeline.run_dir import RunDir, ShardDone, write_atomic
 from stages import import_stage
 from stages.base import IMAGE, REASON, PoolStage, Stage, StageConfig
-from stages.storage import AnyPath, atomic_path, open_binary, read_parquet
+from stages.storage import AnyPath, atomic_path, read_parquet
 
 MAX_ERROR_KINDS = 20  # a capped counter: a million distinct errors must not become a million keys
 
@@ -62,7 +62,7 @@ def write_image_tar(path: AnyPath, table: pa.Table) -> int:
 
 def read_image_tar(path: AnyPath) -> dict[str, bytes]:
     images: dict[str, bytes] = {}
-    with open_binary(path) as handle, tarfile.open(fileobj=handle) as tar:
+    with path.open("rb") as handle, tarfile.open(fileobj=handle) as tar:
         for member in tar:
             key, _, ext = member.name.rpartition(".")
             if ext in ("jpg", "png", "webp", "bin") and member.isfile():

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from pipeline.maintenance import taken_down_uids
 from pipeline.run_dir import RunDir
-from stages.storage import AnyPath, is_remote, open_binary, read_parquet
+from stages.storage import AnyPath, is_remote, read_parquet
 
 
 @dataclass
@@ -37,7 +37,7 @@ class VerifyReport:
 def _tar_keys(path: AnyPath, report: VerifyReport) -> list[str]:
     members: dict[str, set[str]] = {}
     try:
-        with open_binary(path) as handle, tarfile.open(fileobj=handle) as tar:
+        with path.open("rb") as handle, tarfile.open(fileobj=handle) as tar:
             for member in tar:
                 key, _, ext = member.name.rpartition(".")
                 members.setdefault(key, set()).add(ext)

@@ -35,7 +35,7 @@ import pyarrow.csv as pcsv
 
 from stages.base import IMAGE
 from stages.politeness import spread_by_domain, url_hosts
-from stages.storage import AnyPath, as_path, is_remote, open_binary, parquet_file
+from stages.storage import AnyPath, as_path, is_remote, open_parquet
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "webdataset")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -81,12 +81,12 @@ def _open_maybe_gzip(path: AnyPath) -> io.BufferedIOBase:
 def _read_batches(path: AnyPath, fmt: str) -> Iterator[pa.Table]:
     """Stream the list as tables of up to _READ_ROWS rows (whole files are never loaded at once)."""
     if fmt == "parquet":
-        reader = parquet_file(path)
         # One row group at a time: over the whole file, iter_batches pre-buffers every row group's
         # bytes up front (peak memory grew with the file: +338 MB reading a 213 MB file, +82 MB so).
-        for group in range(reader.num_row_groups):
-            for batch in reader.iter_batches(batch_size=_READ_ROWS, row_groups=[group]):
-                yield pa.Table.from_batches([batch])
+        with open_parquet(path) as reader:
+            for group in range(reader.num_row_groups):
+                for batch in reader.iter_batches(batch_size=_READ_ROWS, row_groups=[group]):
+                    yield pa.Table.from_batches([batch])
     elif fmt in ("csv", "tsv"):
         parse = pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=fmt == "csv")
         convert = pcsv.ConvertOptions(strings_can_be_null=False)
@@ -146,7 +146,7 @@ def _read_webdataset(path: AnyPath) -> Iterator[pa.Table]:
     """Samples of existing webdataset tars (img2dataset output): url from the json, caption from txt."""
     for tar_path in _tar_paths(path):
         rows: dict[str, dict] = {}
-        with open_binary(tar_path) as handle, tarfile.open(fileobj=handle) as tar:
+        with tar_path.open("rb") as handle, tarfile.open(fileobj=handle) as tar:
             for member in tar:
                 if not member.isfile() or "." not in member.name:
                     continue

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,10 +62,6 @@ def is_remote(path: AnyPath) -> bool:
     return not isinstance(path, Path)
 
 
-def open_binary(path: AnyPath) -> IO[bytes]:
-    return path.open("rb")
-
-
 def read_parquet(path: AnyPath, columns: list[str] | None = None) -> pa.Table:
     if not is_remote(path):
         return pq.read_table(path, columns=columns)
@@ -73,9 +69,15 @@ def read_parquet(path: AnyPath, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(handle, columns=columns)
 
 
-def parquet_file(path: AnyPath) -> pq.ParquetFile:
-    """For streaming reads; a remote file is read by ranges, never downloaded whole up front."""
-    return pq.ParquetFile(path if not is_remote(path) else path.open("rb"))
+@contextmanager
+def open_parquet(path: AnyPath) -> Iterator[pq.ParquetFile]:
+    """For streaming and footer reads; a remote file is read by ranges through one handle, closed at the end."""
+    if not is_remote(path):
+        with pq.ParquetFile(path) as reader:
+            yield reader
+    else:
+        with path.open("rb") as handle, pq.ParquetFile(handle) as reader:
+            yield reader
 
 
 @contextmanager
