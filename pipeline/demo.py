@@ -47,8 +47,8 @@ class DemoSize(BaseModel):
 
 DEMO_SIZES = {
     # a smoke run (the test suite's): the same pipeline and comparison in about a minute
-    "tiny": DemoSize(pool=3_000, shard_size=1_000, seed_pairs=1_920, test_per_concept=20, filter_steps=150,
-                     train_steps=150, batch_size=128),
+    "tiny": DemoSize(pool=2_000, shard_size=1_000, seed_pairs=1_920, test_per_concept=20, filter_steps=100,
+                     train_steps=100, batch_size=128),
     "small": DemoSize(pool=6_000, shard_size=2_000, seed_pairs=1_920, test_per_concept=20, filter_steps=250,
                       train_steps=250, batch_size=128),
     "default": DemoSize(pool=60_000, shard_size=10_000, seed_pairs=1_920, test_per_concept=50, filter_steps=300,

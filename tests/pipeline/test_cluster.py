@@ -1,11 +1,11 @@
 """A real multi-node Ray cluster on one machine: a head on 127.0.0.2, workers on 127.0.0.3 and .4.
 
 Each node is its own ``ray start`` with its own temp dir, ports and custom resource, with token
-auth explicitly off. ``python -m pipeline run`` runs on it through ``--address`` and through
-``ray job submit``, and must give exactly what a local run gives; Ray's own task records (its state
-API) show that both worker nodes did work. Then a worker node is killed mid-run (its raylet and
-workers, by pid) while a ``trace`` stage records where each shard runs: the run ends on the other
-nodes with every shard exactly once. Only the processes these tests start are stopped, by id
+auth explicitly off. The demo's download path, submitted with ``ray job submit``, must give exactly
+what a local run gives; Ray's own task records (its state API) show that both worker nodes did work.
+Then a driver joins by ``--address`` and a worker node is killed mid-run (its raylet and workers, by
+pid) while a ``trace`` stage records where each shard runs: the run ends on the other nodes with
+every shard exactly once, equal to a local run. Only the processes these tests start are stopped, by id
 (``ray stop`` would end every Ray on the machine), and the module checks that none is left.
 """
 
@@ -148,7 +148,7 @@ def trace_by_shard(trace_dir: Path) -> dict[str, list[dict]]:
     return shards
 
 
-# --- the demo's download path on the cluster, by address and as a Ray job ----------------------
+# --- the demo's download path on the cluster, as a Ray job ------------------------------------
 
 def download_config(root: Path, corpus: Path, name: str) -> Path:
     cfg = {
@@ -208,37 +208,28 @@ def new_job_nodes(cluster: LocalCluster, before: dict[str, set[str]]) -> set[str
         time.sleep(0.5)
 
 
-def test_the_pipeline_on_three_nodes_by_address_and_by_job_submit_equals_a_local_run(cluster, corpus):
+def test_the_pipeline_submitted_as_a_ray_job_on_three_nodes_equals_a_local_run(cluster, corpus):
+    """No --address: the job's RAY_ADDRESS says where. No working dir is uploaded (the venv has
+    pairsift installed; workers get PYTHONPATH from their node). Joining by --address is the
+    node-loss test's driver."""
     root = corpus
-    pairsift = [sys.executable, "-m", "pipeline", "run"]
-    # (a) a separate driver joins the cluster by address
-    before = nodes_by_job(cluster)
-    by_address = subprocess.run([*pairsift, str(download_config(root, root / "corpus", "address")),
-                                 "--address", cluster.address],
-                                env=cluster.env(), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert by_address.returncode == 0, by_address.stdout[-3000:] + by_address.stderr[-3000:]
-    nodes = {"address": new_job_nodes(cluster, before)}
-
-    # (b) the same command submitted as a Ray job: no --address, the job's RAY_ADDRESS says where;
-    # no working dir is uploaded (the venv has pairsift installed; workers get PYTHONPATH from their node)
     before = nodes_by_job(cluster)
     job = subprocess.run(
         [RAY, "job", "submit", "--address", cluster.dashboard,
          "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}}),
-         "--", *pairsift, str(download_config(root, root / "corpus", "job"))],
+         "--", sys.executable, "-m", "pipeline", "run", str(download_config(root, root / "corpus", "job"))],
         env=cluster.env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
-    nodes["job"] = new_job_nodes(cluster, before)
+    nodes = new_job_nodes(cluster, before)
 
-    for name in ("address", "job"):
-        run = root / name / "run"
-        assert differences(run, root / "local" / "run", image_stages=("download",)) == [], name
-        assert duplicated_samples(run) == 0
-        report = verify_run(run)
-        assert report.ok, (name, report.problems)
-        assert report.checked["samples"] > 0
-        # the work really was spread: Ray ran shards on both worker nodes, not only on the head
-        assert set(WORKERS.values()) <= nodes[name], (name, nodes[name])
+    run = root / "job" / "run"
+    assert differences(run, root / "local" / "run", image_stages=("download",)) == []
+    assert duplicated_samples(run) == 0
+    report = verify_run(run)
+    assert report.ok, report.problems
+    assert report.checked["samples"] > 0
+    # the work really was spread: Ray ran shards on both worker nodes, not only on the head
+    assert set(WORKERS.values()) <= nodes, nodes
 
 
 # --- losing a node mid-run ---------------------------------------------------------------------

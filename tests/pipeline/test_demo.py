@@ -10,6 +10,7 @@ from pipeline.demo import run_demo
 from pipeline.verify import verify_run
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)  # minutes on an idle 2-core machine; more when it is shared
 def test_tiny_demo_curated_beats_pool(tmp_path, ray_local):
     comparison = run_demo(tmp_path / "demo", size="tiny", seed=0, executor="ray")
