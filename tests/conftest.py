@@ -33,6 +33,19 @@ def ray_local():
 
 
 def pytest_collection_modifyitems(config, items):
+    _slow_modules_first(items)
+    _skip_gpu_tests_without_cuda(items)
+
+
+def _slow_modules_first(items) -> None:
+    """The suite runs on two xdist workers, a file per worker at a time (pyproject's addopts): start
+    the long end-to-end files (those with a ``slow`` test) first, so none of them is left running
+    alone at the end. The order is the same in every worker, as xdist requires."""
+    slow = {item.module.__name__ for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: file order kept otherwise
+
+
+def _skip_gpu_tests_without_cuda(items) -> None:
     """GPU tests skip cleanly, with the reason, on machines without CUDA."""
     try:
         import torch
