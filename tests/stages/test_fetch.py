@@ -410,6 +410,17 @@ def test_encoding_bomb_helper_builds_a_valid_stream(wrapper):
     assert len(stream) < size // 500
 
 
+def measured_fetch(url: str, policy: FetchPolicy):
+    """``fetch`` with its wall time and the peak Python memory it allocated (MB)."""
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        result = fetch(url, policy)
+        return result, time.monotonic() - started, tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize(
     "path, wrapper, content_type",
     [("/gzip-bomb", "gzip", "text/html"), ("/deflate-bomb", "deflate", "text/html"),
@@ -418,14 +429,8 @@ def test_encoding_bomb_helper_builds_a_valid_stream(wrapper):
 def test_content_encoding_bomb_is_never_inflated(server, path, wrapper, content_type):
     """We ask for identity; a server that compresses anyway gets its few MB stored as sent, never
     the 2 GiB they inflate to."""
-    tracemalloc.start()
-    try:
-        started = time.monotonic()
-        result = fetch(server.url(path), FetchPolicy(allow_loopback=True, deadline_s=2.0, max_bytes=5_000_000))
-        elapsed = time.monotonic() - started
-        peak_mb = tracemalloc.get_traced_memory()[1] / 1e6
-    finally:
-        tracemalloc.stop()
+    result, elapsed, peak_mb = measured_fetch(
+        server.url(path), FetchPolicy(allow_loopback=True, deadline_s=2.0, max_bytes=5_000_000))
     assert server.request_headers[server.requests.index(path)]["accept-encoding"] == "identity"
     assert result.ok, result.error
     assert result.headers["content-encoding"] == wrapper and result.headers["content-type"] == content_type
@@ -450,14 +455,7 @@ def test_oversized_headers_fail_at_once_without_retries(server, path, detail):
     http.client's limits after at most 64 KiB / 100 lines, and not retried (the server would
     answer the same)."""
     before = server.requests.count(path)
-    tracemalloc.start()
-    try:
-        started = time.monotonic()
-        result = fetch(server.url(path), FetchPolicy(allow_loopback=True, deadline_s=2.0, retries=2))
-        elapsed = time.monotonic() - started
-        peak_mb = tracemalloc.get_traced_memory()[1] / 1e6
-    finally:
-        tracemalloc.stop()
+    result, elapsed, peak_mb = measured_fetch(server.url(path), FetchPolicy(allow_loopback=True, deadline_s=2.0, retries=2))
     assert result.reason == FAILED and result.data is None
     assert result.error == f"response headers too large: {detail}"
     assert not result.retryable
