@@ -33,9 +33,15 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.balance import Balance, BalanceConfig
-from stages.matching import Matcher, metaclip_spacing
-from stages.metadata import DEFAULT_WORDNET_DIR, Metadata, build_metadata, load_metadata, write_metadata
+from pairsift.stages.balance import Balance, BalanceConfig
+from pairsift.stages.matching import Matcher, metaclip_spacing
+from pairsift.stages.metadata import (
+    DEFAULT_WORDNET_DIR,
+    Metadata,
+    build_metadata,
+    load_metadata,
+    write_metadata,
+)
 
 
 def peak_rss_mb() -> float:
@@ -190,7 +196,7 @@ def write_pool(directory: Path, maker: CaptionMaker, n_captions: int, shard_size
 
 def run_pool(metadata: str, shard_paths: list[Path], work: Path, t: int) -> dict:
     """The stage as the executor drives it; runs in a fresh process so peak RSS is this run's."""
-    from pipeline.runner import StoredPartials  # what the runner hands a fit: one partial at a time
+    from pairsift.pipeline.runner import StoredPartials  # what the runner hands a fit: one partial at a time
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     stage = Balance(BalanceConfig(metadata=metadata, t=t, seed=0))

@@ -56,13 +56,13 @@ from cluster_stages import (  # noqa: E402
 )
 from toy_stages import TOY_STAGES  # noqa: E402
 
-from pipeline.catalog import query  # noqa: E402
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.runner import run_pipeline  # noqa: E402
-from pipeline.serve import serve  # noqa: E402
-from pipeline.synth import synthesize  # noqa: E402
-from pipeline.verify import verify_run  # noqa: E402
-from stages import STAGES  # noqa: E402
+from pairsift.pipeline.catalog import query  # noqa: E402
+from pairsift.pipeline.config import parse_config  # noqa: E402
+from pairsift.pipeline.runner import run_pipeline  # noqa: E402
+from pairsift.pipeline.serve import serve  # noqa: E402
+from pairsift.pipeline.synth import synthesize  # noqa: E402
+from pairsift.pipeline.verify import verify_run  # noqa: E402
+from pairsift.stages import STAGES  # noqa: E402
 
 STAGES.update(TOY_STAGES | CLUSTER_STAGES)
 MAX_RETRIES = 3

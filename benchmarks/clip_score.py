@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from stages.base import IMAGE  # noqa: E402
-from stages.clip_score import ClipScore, ClipScoreConfig  # noqa: E402
+from pairsift.stages.base import IMAGE  # noqa: E402
+from pairsift.stages.clip_score import ClipScore, ClipScoreConfig  # noqa: E402
 
 WORDS = (
     "red",

@@ -162,9 +162,9 @@ def _run_ours_timed(
 ) -> tuple[int, float]:
     """The pipeline itself: `pairsift run` with just the download stage, on a local Ray pinned to
     loopback with ``processes`` CPUs, shards of SHARD_ROWS rows. Returns (successes, shard window)."""
-    from pipeline.config import parse_config
-    from pipeline.run_dir import RunDir
-    from pipeline.runner import run_pipeline
+    from pairsift.pipeline.config import parse_config
+    from pairsift.pipeline.run_dir import RunDir
+    from pairsift.pipeline.runner import run_pipeline
 
     cfg = parse_config({
         "run_dir": str(out_dir),

@@ -67,8 +67,8 @@ def build_model(out: Path, hidden: int, layers: int, corpus: list[str]) -> Path:
 
 def rewrite_prompts(n: int) -> list[str]:
     """n LaCLIP prompts for web-style captions, exactly as the rewrite stage writes them."""
-    from stages.engines import EngineConfig
-    from stages.recaption import Rewrite, RewriteConfig
+    from pairsift.stages.engines import EngineConfig
+    from pairsift.stages.recaption import Rewrite, RewriteConfig
 
     stage = Rewrite(RewriteConfig(engine=EngineConfig(model="unused")))
     rng = random.Random(0)
@@ -120,7 +120,7 @@ def naive_generate(
 
 
 def engine_generate(cfg, prompts: list[str], max_tokens: int) -> tuple[int, float]:
-    from stages.engines import Prompt, SamplingParams, make_engine
+    from pairsift.stages.engines import Prompt, SamplingParams, make_engine
 
     engine = make_engine(cfg)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.9, top_p=0.95)
@@ -145,7 +145,7 @@ def main() -> None:
 
     import torch
 
-    from stages.engines import EngineConfig
+    from pairsift.stages.engines import EngineConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,7 +166,7 @@ def main() -> None:
         EngineConfig(model=model, batch_size=args.batch, device=device, dtype=dtype), prompts, args.max_tokens
     )
     try:
-        from stages.engines import import_vllm
+        from pairsift.stages.engines import import_vllm
 
         import_vllm()
         vllm_cfg = EngineConfig(

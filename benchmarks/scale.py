@@ -215,7 +215,7 @@ def _uid_sums(uids: pa.ChunkedArray) -> np.ndarray:
 
 
 def run_ingest(spec: dict) -> dict:
-    from stages.ingest import iter_input_shards
+    from pairsift.stages.ingest import iter_input_shards
 
     out = Path(spec["work"]) / spec["stage"]
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ def run_ingest(spec: dict) -> dict:
 
 
 def run_text_filter(spec: dict) -> dict:
-    from stages.text_filter import TextFilter, TextFilterConfig
+    from pairsift.stages.text_filter import TextFilter, TextFilterConfig
 
     work = Path(spec["work"])
     out = work / "text_filter"
@@ -268,8 +268,8 @@ def _alive(work: Path, name: str) -> pa.Table:
 
 
 def run_balance(spec: dict) -> dict:
-    from pipeline.runner import StoredPartials  # what the runner hands a fit: one partial at a time
-    from stages.balance import Balance, BalanceConfig
+    from pairsift.pipeline.runner import StoredPartials  # what the runner hands a fit: one partial at a time
+    from pairsift.stages.balance import Balance, BalanceConfig
 
     work = Path(spec["work"])
     out = work / "balance"
@@ -338,7 +338,7 @@ def main() -> None:
         root = Path(tmp)
         metadata = root / "metadata.parquet"
         _load_benchmark("balance").make_metadata(metadata, args.entries)
-        from stages.metadata import load_metadata
+        from pairsift.stages.metadata import load_metadata
 
         entries = load_metadata(metadata).entries
         text_cfg, balance_cfg = preset_configs(metadata)

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from stages.text_filter import TextFilter, TextFilterConfig
+from pairsift.stages.text_filter import TextFilter, TextFilterConfig
 
 SUBJECTS = ("dog", "cat", "red car", "old house", "young woman", "man", "child", "bicycle", "mountain lake",
             "city street", "wooden table", "leather sofa", "birthday cake", "vintage camera", "sailing boat",

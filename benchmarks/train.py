@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO / "tests" / "trainer"))  # the synthetic shard write
 import torch  # noqa: E402
 from synth_shards import write_shards  # noqa: E402
 
-from trainer.config import build_config  # noqa: E402
-from trainer.train import train  # noqa: E402
+from pairsift.trainer.config import build_config  # noqa: E402
+from pairsift.trainer.train import train  # noqa: E402
 
 SHIM = REPO / "tests" / "trainer" / "open_clip_train_shim.py"
 TINY = REPO / "configs" / "models" / "tiny-vit.json"
@@ -79,9 +79,9 @@ def run_open_clip_train(shards: Path, logs: Path, a: argparse.Namespace, num_sha
 
 
 def run_loader(shards: Path, a: argparse.Namespace) -> float:
-    from trainer.config import CaptionConfig
-    from trainer.data import StreamSpec, TrainLoader, TrainTransform, expand_shards, shard_sizes
-    from trainer.model import build_model
+    from pairsift.trainer.config import CaptionConfig
+    from pairsift.trainer.data import StreamSpec, TrainLoader, TrainTransform, expand_shards, shard_sizes
+    from pairsift.trainer.model import build_model
 
     torch.set_num_threads(a.threads)
     bundle = build_model(a.model)

@@ -1,3 +1,3 @@
-from pipeline.cli import main
+from pairsift.pipeline.cli import main
 
 main()

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.errors import UserError
+from pairsift.pipeline.errors import UserError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
 
@@ -60,10 +60,10 @@ def run(
              "(default timeout,dns_error,failed_to_download,domain_unavailable,rate_limited)")] = None,
 ) -> None:
     """Run (or resume) a pipeline config; finished shards are skipped."""
-    from pipeline.config import load_config
-    from pipeline.report_text import print_funnel, print_summary
-    from pipeline.retry import parse_reasons
-    from pipeline.runner import run_pipeline
+    from pairsift.pipeline.config import load_config
+    from pairsift.pipeline.report_text import print_funnel, print_summary
+    from pairsift.pipeline.retry import parse_reasons
+    from pairsift.pipeline.runner import run_pipeline
 
     if reasons is not None and not retry_failed:
         raise UserError("--reasons only applies with --retry-failed")
@@ -80,7 +80,7 @@ def run(
 
 def write_report_quietly(run_dir: str) -> None:
     """The report is a view of the run: failing to draw it must not fail the run."""
-    from pipeline.report import write_report
+    from pairsift.pipeline.report import write_report
 
     try:
         typer.echo(f"report:  {write_report(run_dir)}")
@@ -91,7 +91,7 @@ def write_report_quietly(run_dir: str) -> None:
 @app.command()
 def report(run_dir: RunArg) -> None:
     """Write the run's self-contained HTML report to <run>/report/index.html."""
-    from pipeline.report import write_report
+    from pairsift.pipeline.report import write_report
 
     typer.echo(f"report: {write_report(run_dir)}")
 
@@ -99,7 +99,7 @@ def report(run_dir: RunArg) -> None:
 @app.command()
 def validate(config: ConfigArg) -> None:
     """Check a config without running anything."""
-    from pipeline.config import load_config
+    from pairsift.pipeline.config import load_config
 
     cfg = load_config(config)
     typer.echo(f"ok: {len(cfg.stages)} stages: {', '.join(s.label for s in cfg.stages)}")
@@ -111,8 +111,8 @@ def plan(
     run_dir: Annotated[str | None, typer.Option(help="override run_dir")] = None,
 ) -> None:
     """Print the stages, their resources and what is already done in the run directory."""
-    from pipeline.config import load_config
-    from pipeline.report_text import print_plan
+    from pairsift.pipeline.config import load_config
+    from pairsift.pipeline.report_text import print_plan
 
     print_plan(load_config(config, _overrides(run_dir, None, None, None)))
 
@@ -120,7 +120,7 @@ def plan(
 @app.command()
 def status(run_dir: RunArg) -> None:
     """Print the funnel of a run: rows in, kept, dropped by reason, per stage."""
-    from pipeline.report_text import print_funnel
+    from pairsift.pipeline.report_text import print_funnel
 
     print_funnel(run_dir)
 
@@ -128,8 +128,8 @@ def status(run_dir: RunArg) -> None:
 @app.command()
 def query(run_dir: RunArg, sql: Annotated[str, typer.Argument(help="DuckDB SQL; views: samples, <stage>...")]) -> None:
     """Run SQL over the run's catalog (a view per stage and a `samples` view joining them)."""
-    from pipeline.catalog import query as run_query
-    from pipeline.report_text import print_table
+    from pairsift.pipeline.catalog import query as run_query
+    from pairsift.pipeline.report_text import print_table
 
     columns, rows = run_query(run_dir, sql)
     print_table(columns, rows)
@@ -138,7 +138,7 @@ def query(run_dir: RunArg, sql: Annotated[str, typer.Argument(help="DuckDB SQL; 
 @app.command()
 def verify(run_dir: RunArg) -> None:
     """Check a finished run from disk: tars vs parquet, sizes.json, unique uids, per-stage row accounting."""
-    from pipeline.verify import verify_run
+    from pairsift.pipeline.verify import verify_run
 
     report = verify_run(run_dir)
     for problem in report.problems:
@@ -158,7 +158,7 @@ def subset(
     exclude: Annotated[bool, typer.Option("--exclude", help="keep every sample except the listed ones")] = False,
 ) -> None:
     """Write new shards (tar + parquet + sizes.json) from a run's shards: no download, no decode."""
-    from pipeline.maintenance import subset as make_subset
+    from pairsift.pipeline.maintenance import subset as make_subset
 
     typer.echo(make_subset(run_dir, uids, urls, exclude, out).line())
 
@@ -169,7 +169,7 @@ def takedown(
     urls: Annotated[Path, typer.Option(help="urls to remove: one per line, or a parquet/csv with a url column")],
 ) -> None:
     """Remove samples by url from a finished run in place (shards, stored images, catalog) and log them."""
-    from pipeline.maintenance import takedown as take_down
+    from pairsift.pipeline.maintenance import takedown as take_down
 
     typer.echo(take_down(run_dir, urls).line())
 
@@ -182,7 +182,7 @@ def synth(
     base_url: Annotated[str, typer.Option(help="where `pairsift serve` will serve it")] = "http://127.0.0.1:8765",
 ) -> None:
     """Draw a synthetic web corpus with known concepts, defects and a separate ground truth."""
-    from pipeline.synth import synthesize
+    from pairsift.pipeline.synth import synthesize
 
     summary = synthesize(out, n=n, seed=seed, base_url=base_url)
     typer.echo(f"wrote {out}: {summary}")
@@ -195,7 +195,7 @@ def serve(
     host: Annotated[str, typer.Option(help="a loopback address")] = "127.0.0.1",
 ) -> None:
     """Serve a synthetic corpus over HTTP on 127.0.0.1 until Ctrl-C."""
-    from pipeline.serve import serve_forever
+    from pairsift.pipeline.serve import serve_forever
 
     serve_forever(directory, host, port)
 
@@ -211,7 +211,7 @@ def demo(
 ) -> None:
     """Prove what curation buys: synthesize a web, train a filter network, curate on local Ray, then
     train the same CLIP on the raw pool and on the curated shards and compare them on a clean test set."""
-    from pipeline.demo import run_demo
+    from pairsift.pipeline.demo import run_demo
 
     run_demo(out, size=size, seed=seed, executor=executor, threads=threads, ablations=ablations)
 
@@ -223,8 +223,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in `out`")] = False,
 ) -> None:
     """Train an open_clip model on webdataset shards (KEY=VALUE arguments override config keys)."""
-    from trainer.cli import train_command
-    from trainer.config import ConfigError
+    from pairsift.trainer.cli import train_command
+    from pairsift.trainer.config import ConfigError
 
     try:
         train_command(config, resume=resume, overrides=list(ctx.args))
@@ -239,8 +239,8 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="write the results as JSON here")] = None,
 ) -> None:
     """Zero-shot top-1/top-5 and image<->text retrieval recall of a trained model."""
-    from trainer.cli import eval_command
-    from trainer.config import ConfigError
+    from pairsift.trainer.cli import eval_command
+    from pairsift.trainer.config import ConfigError
 
     try:
         eval_command(checkpoint, data, out)
@@ -256,7 +256,7 @@ def metadata_build(
     bigrams: Annotated[int, typer.Option(help="most associated word pairs to add")] = 100_000,
 ) -> None:
     """Build a MetaCLIP-style entry list offline from WordNet and word frequencies."""
-    from stages.metadata import build_metadata
+    from pairsift.stages.metadata import build_metadata
 
     try:
         summary = build_metadata(out, wordnet_dir=wordnet_dir, n_unigrams=unigrams, n_bigrams=bigrams)

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import UserError
-from stages import UnknownStage, stage_class
-from stages.base import StageConfig
-from stages.storage import AnyPath, as_path
-
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+from pairsift.configs import CONFIGS_DIR
+from pairsift.pipeline.errors import UserError
+from pairsift.stages import UnknownStage, stage_class
+from pairsift.stages.base import StageConfig
+from pairsift.stages.storage import AnyPath, as_path
 
 
 class Strict(BaseModel):

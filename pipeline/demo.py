@@ -23,10 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipeline.config import load_config
-from pipeline.errors import UserError
-
-TINY_MODEL = Path(__file__).resolve().parent.parent / "configs" / "models" / "tiny-vit.json"
+from pairsift.configs import TINY_MODEL
+from pairsift.pipeline.config import load_config
+from pairsift.pipeline.errors import UserError
 
 
 class DemoSize(BaseModel):
@@ -60,8 +59,8 @@ DEMO_SIZES = {
 
 
 def _train(data: Path, out: Path, steps: int, batch_size: int, seed: int, threads: int) -> Path:
-    from trainer.config import build_config
-    from trainer.train import train
+    from pairsift.trainer.config import build_config
+    from pairsift.trainer.train import train
 
     cfg = build_config({
         "out": str(out), "model": str(TINY_MODEL), "data": {"train": str(data)}, "steps": steps,
@@ -73,7 +72,7 @@ def _train(data: Path, out: Path, steps: int, batch_size: int, seed: int, thread
 
 def _write_pool_sizes(run_dir: Path) -> Path:
     """Everything that downloaded is already a webdataset (the download stage's tars): add sizes.json."""
-    from pipeline.run_dir import RunDir
+    from pairsift.pipeline.run_dir import RunDir
 
     run, sizes = RunDir(run_dir), {}
     for tar in sorted(run.stage_dir("download").glob("[0-9]*.tar")):
@@ -97,7 +96,7 @@ def truth_by_uid(run_dir: Path, corpus: Path) -> dict[str, str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.run_dir import RunDir
+    from pairsift.pipeline.run_dir import RunDir
 
     run = RunDir(run_dir)
     parts = sorted(run.stage_dir("ingest").glob("part-*.parquet"))
@@ -108,7 +107,7 @@ def truth_by_uid(run_dir: Path, corpus: Path) -> dict[str, str]:
 
 def filter_quality(run_dir: Path, corpus: Path) -> dict[str, float]:
     """Precision and recall of the CLIP filter for clean pairs, among the rows that reached it."""
-    from pipeline.catalog import query
+    from pairsift.pipeline.catalog import query
 
     defect = truth_by_uid(run_dir, corpus)
     _, rows = query(run_dir, "SELECT uid, reason IS NULL FROM clip_filter")
@@ -122,7 +121,7 @@ def filter_quality(run_dir: Path, corpus: Path) -> dict[str, float]:
 def ablation_run(cfg, run_dir: Path, drop_label: str, out: Path):
     """The same curation without one stage, computed from the finished run: its common stage prefix is
     hard-linked into a new run directory, so resume recomputes only what differs (and the shards)."""
-    from pipeline.runner import run_pipeline
+    from pairsift.pipeline.runner import run_pipeline
 
     stages = [s for s in cfg.stages if s.label != drop_label]
     variant = cfg.model_copy(update={"run_dir": str(out), "stages": stages})
@@ -140,11 +139,11 @@ def ablation_run(cfg, run_dir: Path, drop_label: str, out: Path):
 
 def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "ray",
              threads: int | None = None, ablations: bool = False) -> dict[str, Any]:
-    from pipeline.report_text import console, print_funnel, print_summary
-    from pipeline.runner import run_pipeline
-    from pipeline.serve import free_port, serve
-    from pipeline.synth import synthesize
-    from trainer.eval import evaluate_checkpoint
+    from pairsift.pipeline.report_text import console, print_funnel, print_summary
+    from pairsift.pipeline.runner import run_pipeline
+    from pairsift.pipeline.serve import free_port, serve
+    from pairsift.pipeline.synth import synthesize
+    from pairsift.trainer.eval import evaluate_checkpoint
 
     if size not in DEMO_SIZES:
         raise UserError(f"unknown demo size {size!r}; sizes: {', '.join(DEMO_SIZES)}")
@@ -206,7 +205,7 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "r
 def print_comparison(comparison: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from pipeline.report_text import console
+    from pairsift.pipeline.report_text import console
 
     table = Table("trained on", "pairs", "zero-shot top-1", "head top-1", "tail top-1", "image→text R@1",
                   title=f"same model, same {comparison['samples_seen']:,} samples seen, clean test set")
@@ -224,6 +223,6 @@ def print_comparison(comparison: dict[str, Any]) -> None:
 
 
 def _write_report(run_dir: Path) -> None:
-    from pipeline.cli import write_report_quietly
+    from pairsift.pipeline.cli import write_report_quietly
 
     write_report_quietly(run_dir)

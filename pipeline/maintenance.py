@@ -38,9 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.errors import UserError
-from pipeline.run_dir import RunDir, ShardDone, write_atomic
-from stages.storage import (
+from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
+from pairsift.stages.storage import (
     AnyPath,
     as_path,
     is_remote,

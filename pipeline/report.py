@@ -30,9 +30,9 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from pipeline.catalog import funnel, open_catalog, stage_labels
-from pipeline.run_dir import RunDir, ShardFailed, write_atomic
-from stages.storage import as_path
+from pairsift.pipeline.catalog import funnel, open_catalog, stage_labels
+from pairsift.pipeline.run_dir import RunDir, ShardFailed, write_atomic
+from pairsift.stages.storage import as_path
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
 SAMPLES_PER_GROUP = 8
@@ -551,8 +551,8 @@ def samples_section(view: RunView) -> dict | None:
 
 def worker_of(spec: dict[str, Any]) -> tuple[str, str]:
     """(kind, resources per worker) of a configured stage, as the executor would schedule it."""
-    from stages import stage_class
-    from stages.base import PoolStage
+    from pairsift.stages import stage_class
+    from pairsift.stages.base import PoolStage
 
     config = {k: v for k, v in spec.items() if k not in ("stage", "label")}
     try:

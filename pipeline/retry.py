@@ -29,12 +29,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from pipeline.config import RunConfig
-from pipeline.errors import UserError
-from pipeline.executor import Job, JobResult, WorkerSpec
-from pipeline.maintenance import taken_down_uids
-from pipeline.run_dir import RunDir, ShardDone, ShardFailed, write_atomic
-from pipeline.shard_runner import (
+from pairsift.pipeline.config import RunConfig
+from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.executor import Job, JobResult, WorkerSpec
+from pairsift.pipeline.maintenance import taken_down_uids
+from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardFailed, write_atomic
+from pairsift.pipeline.shard_runner import (
     ShardRunner,
     _add_member,
     check_output,
@@ -42,12 +42,12 @@ from pipeline.shard_runner import (
     load_input,
     summarise,
 )
-from stages import stage_class, stage_path
-from stages.base import IMAGE, REASON
-from stages.download import DECODE_ERROR, IMAGE_TOO_LARGE, NOT_AN_IMAGE
-from stages.fetch import BAD_URL, DNS_ERROR, FAILED, OPT_OUT, REFUSED, TIMEOUT, TOO_LARGE
-from stages.politeness import DOMAIN_UNAVAILABLE, RATE_LIMITED, ROBOTS_DISALLOWED
-from stages.storage import AnyPath, atomic_path, is_remote, read_parquet, remove
+from pairsift.stages import stage_class, stage_path
+from pairsift.stages.base import IMAGE, REASON
+from pairsift.stages.download import DECODE_ERROR, IMAGE_TOO_LARGE, NOT_AN_IMAGE
+from pairsift.stages.fetch import BAD_URL, DNS_ERROR, FAILED, OPT_OUT, REFUSED, TIMEOUT, TOO_LARGE
+from pairsift.stages.politeness import DOMAIN_UNAVAILABLE, RATE_LIMITED, ROBOTS_DISALLOWED
+from pairsift.stages.storage import AnyPath, atomic_path, is_remote, read_parquet, remove
 
 log = logging.getLogger("pairsift")
 DOWNLOAD = "download"

@@ -24,8 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.errors import UserError
-from stages.storage import AnyPath, as_path, is_remote, remove, write_atomic
+from pairsift.pipeline.errors import UserError
+from pairsift.stages.storage import AnyPath, as_path, is_remote, remove, write_atomic
 
 __all__ = ["RunDir", "ShardDone", "ShardFailed", "write_atomic"]
 

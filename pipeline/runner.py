@@ -22,16 +22,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from pipeline.config import RunConfig, config_hash
-from pipeline.errors import UserError
-from pipeline.executor import Job, JobResult, LocalExecutor, RayExecutor, WorkerSpec, make_executor
-from pipeline.run_dir import RunDir, ShardDone, ShardFailed, write_atomic
-from pipeline.shard_runner import ShardRunner, write_image_tar
-from pipeline.shards import ShardWriter, plan_output_shards, remove_stale_shards, write_sizes
-from stages import stage_class, stage_path
-from stages.base import IMAGE, PoolStage
-from stages.ingest import iter_input_shards
-from stages.storage import is_remote, read_parquet, remove
+from pairsift.pipeline.config import RunConfig, config_hash
+from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.executor import Job, JobResult, LocalExecutor, RayExecutor, WorkerSpec, make_executor
+from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardFailed, write_atomic
+from pairsift.pipeline.shard_runner import ShardRunner, write_image_tar
+from pairsift.pipeline.shards import ShardWriter, plan_output_shards, remove_stale_shards, write_sizes
+from pairsift.stages import stage_class, stage_path
+from pairsift.stages.base import IMAGE, PoolStage
+from pairsift.stages.ingest import iter_input_shards
+from pairsift.stages.storage import is_remote, read_parquet, remove
 
 log = logging.getLogger("pairsift")
 
@@ -336,7 +336,7 @@ def run_pipeline(cfg: RunConfig, retry_reasons: Sequence[str] | None = None) -> 
     """Run or resume ``cfg``. With ``retry_reasons``, after each download stage has resumed, re-fetch
     only its rows that failed for those reasons (``pipeline.retry``); later stages then redo exactly
     the shards whose download part changed."""
-    from pipeline.retry import check_retry, retry_failed_rows
+    from pairsift.pipeline.retry import check_retry, retry_failed_rows
 
     run = RunDir(cfg.run_dir)
     retry = check_retry(cfg, run, retry_reasons) if retry_reasons is not None else None  # before writing anything

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.errors import UserError
+from pairsift.pipeline.errors import UserError
 
 # Object colours, far apart in RGB (closest pair ~79) so the colour of the drawn object is
 # unambiguous; the first 8 make the default 48-concept grid.

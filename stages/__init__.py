@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import importlib
 
-from stages.base import Stage
+from pairsift.stages.base import Stage
 
 STAGES: dict[str, str] = {
-    "text_filter": "stages.text_filter:TextFilter",
-    "download": "stages.download:Download",
-    "image_filter": "stages.image_filter:ImageFilter",
-    "placeholder": "stages.image_filter:Placeholder",
-    "clip_score": "stages.clip_score:ClipScore",
-    "clip_filter": "stages.clip_score:ClipFilter",
-    "balance": "stages.balance:Balance",
-    "rewrite": "stages.recaption:Rewrite",
-    "enrich": "stages.recaption:Enrich",
+    "text_filter": "pairsift.stages.text_filter:TextFilter",
+    "download": "pairsift.stages.download:Download",
+    "image_filter": "pairsift.stages.image_filter:ImageFilter",
+    "placeholder": "pairsift.stages.image_filter:Placeholder",
+    "clip_score": "pairsift.stages.clip_score:ClipScore",
+    "clip_filter": "pairsift.stages.clip_score:ClipFilter",
+    "balance": "pairsift.stages.balance:Balance",
+    "rewrite": "pairsift.stages.recaption:Rewrite",
+    "enrich": "pairsift.stages.recaption:Enrich",
 }
 
 

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from stages.base import PoolStage, StageConfig, with_reason
-from stages.matching import MATCHED_ENTRIES_TYPE, Matcher
-from stages.metadata import Metadata, load_metadata
+from pairsift.stages.base import PoolStage, StageConfig, with_reason
+from pairsift.stages.matching import MATCHED_ENTRIES_TYPE, Matcher
+from pairsift.stages.metadata import Metadata, load_metadata
 
 REASON_NO_MATCH = "no_metadata_match"
 REASON_BALANCED_OUT = "balanced_out"

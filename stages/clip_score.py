@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from stages.base import IMAGE, PoolStage, Resources, Stage, StageConfig, with_reason
+from pairsift.stages.base import IMAGE, PoolStage, Resources, Stage, StageConfig, with_reason
 
 if TYPE_CHECKING:
     import torch
@@ -286,7 +286,7 @@ class ClipScorer:
         # Autocast on GPUs only: on most CPUs bf16/fp16 matmuls are slower than fp32, not faster.
         dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
         self.dtype = dtypes[precision] if self.device.type == "cuda" else None
-        from stages import clip_decode  # Pillow/torchvision: only where images are decoded
+        from pairsift.stages import clip_decode  # Pillow/torchvision: only where images are decoded
 
         self.spec = clip_decode.PixelSpec.from_model(model)
         if decoder == "auto":  # the tensor path: nvJPEG on CUDA, and the cheaper of the two on CPU
@@ -306,7 +306,7 @@ class ClipScorer:
         """Read, decode, preprocess and tokenise one batch (runs in the prefetch thread)."""
         import torch
 
-        from stages import clip_decode
+        from pairsift.stages import clip_decode
 
         blobs = images.take(pa.array(rows)).to_pylist()
         stream = torch.cuda.stream(self.side_stream) if self.side_stream is not None else nullcontext()

@@ -34,8 +34,8 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from stages.base import IMAGE, Resources, Stage, StageConfig, with_reason
-from stages.fetch import (
+from pairsift.stages.base import IMAGE, Resources, Stage, StageConfig, with_reason
+from pairsift.stages.fetch import (
     DEFAULT_USER_AGENT,
     FAILED,
     TIMEOUT,
@@ -46,7 +46,7 @@ from stages.fetch import (
     fetch,
     system_resolver,
 )
-from stages.politeness import (
+from pairsift.stages.politeness import (
     ROBOTS_MAX_BYTES,
     BackoffConfig,
     BreakerConfig,

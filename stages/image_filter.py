@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from stages.base import PoolStage, Stage, StageConfig, with_reason
+from pairsift.stages.base import PoolStage, Stage, StageConfig, with_reason
 
 REASONS = ("missing_size", "image_too_small", "extreme_aspect_ratio", "too_many_pixels")
 

@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from stages.base import StageConfig
-from stages.fetch import (
+from pairsift.stages.base import StageConfig
+from pairsift.stages.fetch import (
     BAD_URL,
     DNS_ERROR,
     FAILED,

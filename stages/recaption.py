@@ -28,8 +28,8 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from stages.base import IMAGE, REASON, Resources, Stage, StageConfig
-from stages.engines import (
+from pairsift.stages.base import IMAGE, REASON, Resources, Stage, StageConfig
+from pairsift.stages.engines import (
     Completion,
     Engine,
     EngineConfig,
@@ -601,8 +601,8 @@ class Enrich(Stage):
     def _setup_tags(self) -> None:
         import torch
 
-        from stages.clip_score import load_clip
-        from stages.metadata import load_metadata
+        from pairsift.stages.clip_score import load_clip
+        from pairsift.stages.metadata import load_metadata
 
         self.entries = list(load_metadata(self.cfg.entries).entries)
         if not self.entries:

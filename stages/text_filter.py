@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pycld2  # C extension with compiled-in tables: cheap to import, no files, no network
 from pydantic import Field, field_validator, model_validator
 
-from stages.base import Stage, StageConfig, with_reason
+from pairsift.stages.base import Stage, StageConfig, with_reason
 
 CAPTION = "caption"
 LANGUAGE = "language"

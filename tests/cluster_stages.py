@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from stages.base import IMAGE, Stage, StageConfig
+from pairsift.stages.base import IMAGE, Stage, StageConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -251,12 +251,12 @@ class WorkerKiller:
 DRIVER = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
-from stages import STAGES
+from pairsift.stages import STAGES
 from toy_stages import TOY_STAGES
 from cluster_stages import CLUSTER_STAGES
 STAGES.update(TOY_STAGES)
 STAGES.update(CLUSTER_STAGES)
-from pipeline.cli import main
+from pairsift.pipeline.cli import main
 main()
 """
 
@@ -306,7 +306,7 @@ def temp_files(run_root: Path) -> list[Path]:
 
 
 def catalog(run_root: Path) -> tuple[list[str], list[tuple]]:
-    from pipeline.catalog import query
+    from pairsift.pipeline.catalog import query
 
     return query(run_root, "SELECT * FROM samples ORDER BY uid")
 
@@ -341,7 +341,7 @@ def differences(run_root: Path, reference: Path, image_stages: tuple[str, ...] =
 
 def duplicated_samples(run_root: Path) -> int:
     """Rows that appear more than once in the catalog plus samples that appear in two shards."""
-    from pipeline.catalog import query
+    from pairsift.pipeline.catalog import query
 
     _, rows = query(run_root, "SELECT count(*) - count(DISTINCT uid) FROM samples")
     keys: list[str] = []

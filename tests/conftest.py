@@ -24,8 +24,8 @@ def ray_local():
     """Start Ray once per test session (about 4 s), small and on loopback."""
     import ray
 
-    from pipeline.config import RayConfig
-    from pipeline.executor import start_ray
+    from pairsift.pipeline.config import RayConfig
+    from pairsift.pipeline.executor import start_ray
 
     start_ray(RayConfig(node_ip=RAY_NODE_IP, num_cpus=2))
     yield ray

@@ -18,8 +18,8 @@ import typer.main
 import yaml
 from packaging.requirements import Requirement
 
-from pipeline.cli import app
-from pipeline.config import parse_config
+from pairsift.pipeline.cli import app
+from pairsift.pipeline.config import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.base import PoolStage, Stage, StageConfig, with_reason
+from pairsift.stages.base import PoolStage, Stage, StageConfig, with_reason
 
 
 class CaptionLengthConfig(StageConfig):

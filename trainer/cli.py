@@ -1,8 +1,8 @@
 """Functions the ``pairsift`` typer CLI mounts for ``train`` and ``eval``; thin shells over trainer code.
 
 User mistakes raise ``trainer.config.ConfigError`` (a ``ValueError``) with a one-line message.
-``python -m trainer.cli train CONFIG [--resume] [key=value ...]`` and
-``python -m trainer.cli eval CHECKPOINT DATA [--out FILE]`` work without the pipeline CLI.
+``python -m pairsift.trainer.cli train CONFIG [--resume] [key=value ...]`` and
+``python -m pairsift.trainer.cli eval CHECKPOINT DATA [--out FILE]`` work without the pipeline CLI.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ def train_command(config: Path, resume: bool = False, overrides: list[str] | Non
     """Train from a YAML config with ``key.sub=value`` overrides; returns the TrainResult as a dict."""
     from dataclasses import asdict
 
-    from trainer.config import load_config, parse_overrides
-    from trainer.train import train
+    from pairsift.trainer.config import load_config, parse_overrides
+    from pairsift.trainer.train import train
 
     cfg = load_config(config, parse_overrides(overrides))
     result = train(cfg, resume=resume)
@@ -27,7 +27,7 @@ def train_command(config: Path, resume: bool = False, overrides: list[str] | Non
 
 def eval_command(checkpoint: Path, data: Path, out: Path | None = None) -> dict[str, Any]:
     """Evaluate a trained checkpoint directory on a held-out set; prints a table, writes JSON to ``out``."""
-    from trainer.eval import evaluate_checkpoint, format_table
+    from pairsift.trainer.eval import evaluate_checkpoint, format_table
 
     result = evaluate_checkpoint(checkpoint, data, out)
     print(format_table(result))
@@ -35,10 +35,10 @@ def eval_command(checkpoint: Path, data: Path, out: Path | None = None) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError
+    from pairsift.trainer.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m trainer.cli train CONFIG [--resume] [key=value ...] | eval CHECKPOINT DATA [--out F]"
+    usage = "usage: python -m pairsift.trainer.cli train CONFIG [--resume] [key=value ...] | eval CHECKPOINT DATA [--out F]"
     try:
         if argv[:1] == ["train"] and len(argv) >= 2:
             rest = argv[2:]

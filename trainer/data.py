@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from trainer.config import CaptionConfig, ConfigError
+from pairsift.trainer.config import CaptionConfig, ConfigError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 Cursor = tuple[int, int, int]  # (epoch, window index, position in the window's permutation)

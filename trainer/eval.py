@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from trainer.config import ConfigError
-from trainer.data import IMAGE_EXTS, captions_of, expand_shards, iter_tar_samples
+from pairsift.trainer.config import ConfigError
+from pairsift.trainer.data import IMAGE_EXTS, captions_of, expand_shards, iter_tar_samples
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
@@ -211,7 +211,7 @@ def evaluate(model, preprocess, tokenizer, data: str | Path | EvalSet, batch_siz
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path | None = None,
                         batch_size: int = 256, device: str = "cpu") -> dict[str, Any]:
     """Load a ``pairsift train`` export (local-dir) and evaluate it; writes JSON to ``out`` if given."""
-    from trainer.model import load_local_dir
+    from pairsift.trainer.model import load_local_dir
 
     model, preprocess, tokenizer = load_local_dir(checkpoint, device=device)
     result = evaluate(model, preprocess, tokenizer, data, batch_size=batch_size, device=device)

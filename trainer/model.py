@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import ConfigError
+from pairsift.trainer.config import ConfigError
 
 LOCAL_DIR = "local-dir:"
 CONFIG_NAME = "open_clip_config.json"

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.config import ConfigError, TrainConfig, build_config
-from trainer.data import (
+from pairsift.configs import TINY_MODEL as TINY_MODEL_PATH
+from pairsift.trainer.config import ConfigError, TrainConfig, build_config
+from pairsift.trainer.data import (
     StreamSpec,
     TrainLoader,
     TrainTransform,
@@ -38,8 +39,8 @@ from trainer.data import (
     shard_sizes,
     steps_per_epoch,
 )
-from trainer.loss import accumulated_backward, make_loss
-from trainer.model import build_model, export_local_dir
+from pairsift.trainer.loss import accumulated_backward, make_loss
+from pairsift.trainer.model import build_model, export_local_dir
 
 CKPT_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -276,7 +277,7 @@ def run_worker(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     ctx = _LoopContext(cfg, dd, out, model, ddp, optimizer, scaler, loader, transform, bundle, device, autocast,
                        loss_fn, total_steps, per_epoch, readers)
     if cfg.eval is not None and dd.main:  # fail now, not after hours of training
-        from trainer.eval import load_eval_set
+        from pairsift.trainer.eval import load_eval_set
 
         ctx.eval_set = load_eval_set(cfg.eval.data, cfg.eval.max_samples)
     try:
@@ -379,7 +380,7 @@ class _LoopContext:
                 f.write(json.dumps(rec) + "\n")
 
     def _evaluate(self, step: int) -> dict[str, Any] | None:
-        from trainer.eval import evaluate, load_eval_set
+        from pairsift.trainer.eval import evaluate, load_eval_set
 
         result = None
         if self.dd.main:
@@ -473,7 +474,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update=upd)
 
 
-TINY_MODEL = str(Path(__file__).resolve().parent.parent / "configs" / "models" / "tiny-vit.json")
+TINY_MODEL = str(TINY_MODEL_PATH)
 
 
 def train_on_shards(shards: str | Path, out: str | Path, steps: int, batch_size: int,
@@ -503,10 +504,8 @@ def _launch_torchrun(cfg: TrainConfig, resume: bool) -> TrainResult:
     _atomic_write(cfg_file, cfg.model_dump_json())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(cfg.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "trainer.train", str(cfg_file)] + (["--resume"] if resume else [])
+           "-m", "pairsift.trainer.train", str(cfg_file)] + (["--resume"] if resume else [])
     env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent)]
-                                        + [p for p in [os.environ.get("PYTHONPATH")] if p])
     if cfg.threads:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
     proc = subprocess.run(cmd, env=env)
@@ -522,8 +521,7 @@ def _ray_loop(config: dict[str, Any]) -> None:
 
 def _worker_env(cfg: TrainConfig) -> dict[str, str]:
     """Env for Ray Train workers, set before Ray builds their process group."""
-    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent)]
-                                         + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     host = (cfg.ray.address or cfg.ray.node_ip).split("://")[-1].rsplit(":", 1)[0]
     if host.startswith("127."):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # a local cluster: gloo must not pick the machine's network card

@@ -6,7 +6,7 @@ import pytest
 from cluster_stages import CLUSTER_STAGES
 from toy_stages import TOY_STAGES
 
-from stages import STAGES
+from pairsift.stages import STAGES
 
 
 @pytest.fixture(scope="module")

@@ -31,10 +31,10 @@ from cluster_stages import (
     wait_until_idle,
 )
 
-from pipeline.config import parse_config
-from pipeline.run_dir import RunDir
-from pipeline.runner import run_pipeline
-from pipeline.verify import verify_run
+from pairsift.pipeline.config import parse_config
+from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.runner import run_pipeline
+from pairsift.pipeline.verify import verify_run
 
 ROWS, SHARD_ROWS = 240, 60  # 4 input shards
 MAX_RETRIES = 3

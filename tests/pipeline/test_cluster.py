@@ -34,11 +34,11 @@ from cluster_stages import (
     temp_files,
 )
 
-from pipeline.config import load_config, parse_config
-from pipeline.runner import run_pipeline
-from pipeline.serve import serve
-from pipeline.synth import synthesize
-from pipeline.verify import verify_run
+from pairsift.pipeline.config import load_config, parse_config
+from pairsift.pipeline.runner import run_pipeline
+from pairsift.pipeline.serve import serve
+from pairsift.pipeline.synth import synthesize
+from pairsift.pipeline.verify import verify_run
 
 pytestmark = pytest.mark.slow
 

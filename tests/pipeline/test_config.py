@@ -11,8 +11,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import CONFIGS_DIR, load_config, parse_config
-from pipeline.errors import UserError
+from pairsift.pipeline.config import CONFIGS_DIR, load_config, parse_config
+from pairsift.pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"run_dir": "/tmp/x", "input": {"path": "urls.parquet"}}

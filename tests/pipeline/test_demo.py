@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.demo import run_demo
-from pipeline.verify import verify_run
+from pairsift.pipeline.demo import run_demo
+from pairsift.pipeline.verify import verify_run
 
 
 @pytest.mark.slow

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.catalog import funnel, query
-from pipeline.config import CONFIGS_DIR, parse_config
-from pipeline.run_dir import RunDir
-from pipeline.runner import run_pipeline
-from pipeline.serve import free_port, serve
-from pipeline.synth import synthesize
-from pipeline.verify import verify_run
+from pairsift.pipeline.catalog import funnel, query
+from pairsift.pipeline.config import CONFIGS_DIR, parse_config
+from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.runner import run_pipeline
+from pairsift.pipeline.serve import free_port, serve
+from pairsift.pipeline.synth import synthesize
+from pairsift.pipeline.verify import verify_run
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = 1_500

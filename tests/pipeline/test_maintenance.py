@@ -20,15 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import maintenance
-from pipeline.catalog import query
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.maintenance import subset, takedown
-from pipeline.runner import run_pipeline
-from pipeline.serve import free_port, serve
-from pipeline.synth import synthesize
-from pipeline.verify import verify_run
+from pairsift.pipeline import maintenance
+from pairsift.pipeline.catalog import query
+from pairsift.pipeline.config import load_config
+from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.maintenance import subset, takedown
+from pairsift.pipeline.runner import run_pipeline
+from pairsift.pipeline.serve import free_port, serve
+from pairsift.pipeline.synth import synthesize
+from pairsift.pipeline.verify import verify_run
 
 STAGES = [
     {"stage": "text_filter", "min_chars": 5, "min_words": 2, "languages": ["en"], "dedup": "url"},

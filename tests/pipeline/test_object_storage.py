@@ -20,18 +20,18 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.catalog import funnel, query
-from pipeline.cli import app
-from pipeline.config import CONFIGS_DIR, parse_config
-from pipeline.errors import UserError
-from pipeline.maintenance import subset, takedown
-from pipeline.report import write_report
-from pipeline.run_dir import RunDir
-from pipeline.runner import run_pipeline
-from pipeline.serve import free_port, serve
-from pipeline.synth import synthesize
-from pipeline.verify import verify_run
-from stages.storage import as_path
+from pairsift.pipeline.catalog import funnel, query
+from pairsift.pipeline.cli import app
+from pairsift.pipeline.config import CONFIGS_DIR, parse_config
+from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.maintenance import subset, takedown
+from pairsift.pipeline.report import write_report
+from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.runner import run_pipeline
+from pairsift.pipeline.serve import free_port, serve
+from pairsift.pipeline.synth import synthesize
+from pairsift.pipeline.verify import verify_run
+from pairsift.stages.storage import as_path
 
 POOL = 240
 BUCKET = "pairsift-test"
@@ -189,7 +189,7 @@ def test_ingest_reads_a_gzipped_jsonl_list_from_a_bucket(s3_endpoint, tmp_path):
     import gzip
     import json
 
-    from stages.ingest import iter_input_shards
+    from pairsift.stages.ingest import iter_input_shards
 
     rows = [{"url": f"http://127.0.0.1/{i}.jpg", "caption": f"a photo number {i}"} for i in range(25)]
     path = f"s3://{BUCKET}/lists/small.jsonl.gz"
@@ -205,7 +205,7 @@ def test_local_paths_stay_plain_paths(tmp_path):
 
 
 def test_a_config_can_live_in_a_bucket(s3_endpoint):
-    from pipeline.config import load_config
+    from pairsift.pipeline.config import load_config
 
     local = spine(f"s3://{BUCKET}/runs/from-config", f"s3://{BUCKET}/lists/urls.parquet", "ray")
     as_path(f"s3://{BUCKET}/configs/job.yaml").write_text(yaml.safe_dump(local.to_json()))

@@ -27,13 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from cluster_stages import duplicated_samples, process_table
 
-from pipeline.catalog import query
-from pipeline.config import parse_config
-from pipeline.run_dir import RunDir
-from pipeline.runner import run_pipeline
-from pipeline.verify import verify_run
-from stages.engines import EngineConfig
-from stages.recaption import Rewrite, RewriteConfig, parse_completion, sanitize, validate_rewrite
+from pairsift.pipeline.catalog import query
+from pairsift.pipeline.config import parse_config
+from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.runner import run_pipeline
+from pairsift.pipeline.verify import verify_run
+from pairsift.stages.engines import EngineConfig
+from pairsift.stages.recaption import Rewrite, RewriteConfig, parse_completion, sanitize, validate_rewrite
 
 HELPERS = Path(__file__).resolve().parents[1] / "vllm_cpu"
 ROWS, SHARD_ROWS, K = 48, 12, 2

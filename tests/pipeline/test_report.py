@@ -27,15 +27,21 @@ import pytest
 from PIL import Image
 from toy_stages import TOY_STAGES
 
-from pipeline.catalog import funnel
-from pipeline.config import load_config, parse_config
-from pipeline.report import SAMPLES_PER_GROUP, build_context, read_images, read_images_tarfile, write_report
-from pipeline.run_dir import RunDir
-from pipeline.runner import run_pipeline
-from pipeline.serve import free_port, serve
-from pipeline.shard_runner import read_image_tar
-from pipeline.synth import concept_names, synthesize
-from stages import STAGES
+from pairsift.pipeline.catalog import funnel
+from pairsift.pipeline.config import load_config, parse_config
+from pairsift.pipeline.report import (
+    SAMPLES_PER_GROUP,
+    build_context,
+    read_images,
+    read_images_tarfile,
+    write_report,
+)
+from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.runner import run_pipeline
+from pairsift.pipeline.serve import free_port, serve
+from pairsift.pipeline.shard_runner import read_image_tar
+from pairsift.pipeline.synth import concept_names, synthesize
+from pairsift.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"

@@ -19,13 +19,13 @@ import pytest
 import yaml
 from flaky_server import FlakyServer
 
-from pipeline.catalog import funnel, query
-from pipeline.config import parse_config
-from pipeline.errors import UserError
-from pipeline.retry import TRANSIENT
-from pipeline.run_dir import RunDir
-from pipeline.runner import run_pipeline
-from pipeline.verify import verify_run
+from pairsift.pipeline.catalog import funnel, query
+from pairsift.pipeline.config import parse_config
+from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.retry import TRANSIENT
+from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.runner import run_pipeline
+from pairsift.pipeline.verify import verify_run
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS, SHARD_ROWS = 96, 24  # 4 input shards
@@ -182,7 +182,7 @@ def test_retry_refetches_only_the_failed_rows_and_ends_where_a_clean_run_ends(se
 
 
 def test_retry_runs_on_ray_and_skips_taken_down_rows(served, ray_local):
-    from pipeline.maintenance import takedown
+    from pairsift.pipeline.maintenance import takedown
 
     root, server, pool = served
     run = first_run(root, server, pool)

@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 from toy_stages import TOY_STAGES
 
-from pipeline.catalog import funnel, query
-from pipeline.config import parse_config
-from pipeline.errors import UserError
-from pipeline.run_dir import RunDir
-from pipeline.runner import run_pipeline
-from pipeline.verify import verify_run
-from stages import STAGES
+from pairsift.pipeline.catalog import funnel, query
+from pairsift.pipeline.config import parse_config
+from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.runner import run_pipeline
+from pairsift.pipeline.verify import verify_run
+from pairsift.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,10 +144,10 @@ DRIVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     from toy_stages import TOY_STAGES
-    from stages import STAGES
+    from pairsift.stages import STAGES
     STAGES.update(TOY_STAGES)
-    from pipeline.config import parse_config
-    from pipeline.runner import run_pipeline
+    from pairsift.pipeline.config import parse_config
+    from pairsift.pipeline.runner import run_pipeline
     import json
     run_pipeline(parse_config(json.loads(open({cfg!r}).read())))
 """)
@@ -200,7 +200,7 @@ def test_verify_catches_a_damaged_run(tmp_path):
 
 
 def test_a_dominant_environment_failure_stops_the_run_with_one_line(tmp_path):
-    from pipeline.errors import UserError
+    from pairsift.pipeline.errors import UserError
 
     make_pool(tmp_path / "pool.parquet")
     cfg = config(tmp_path, every_row_reason="dns_error")
@@ -217,7 +217,7 @@ def test_a_dominant_environment_failure_stops_the_run_with_one_line(tmp_path):
 def test_captions_for_the_trainer_fit_clips_context():
     from open_clip.tokenizer import SimpleTokenizer
 
-    from pipeline.shards import CaptionFitter
+    from pairsift.pipeline.shards import CaptionFitter
 
     encode = SimpleTokenizer().encode
     long_caption = " ".join(f"word{i}" for i in range(200))
@@ -233,7 +233,7 @@ def test_captions_for_the_trainer_fit_clips_context():
 
 
 def test_an_ablation_reuses_the_finished_prefix_and_recomputes_the_rest(tmp_path):
-    from pipeline.demo import ablation_run
+    from pairsift.pipeline.demo import ablation_run
 
     make_pool(tmp_path / "pool.parquet")
     cfg = parse_config(config(tmp_path))

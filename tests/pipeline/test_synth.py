@@ -22,9 +22,9 @@ import pytest
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
-from pipeline.errors import UserError
-from pipeline.serve import free_port, serve
-from pipeline.synth import DefectMix, SynthSummary, _shape_polygon, concept_names, synthesize
+from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.serve import free_port, serve
+from pairsift.pipeline.synth import DefectMix, SynthSummary, _shape_polygon, concept_names, synthesize
 
 N = 2000
 CONTENT_TYPE = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -290,7 +290,7 @@ def test_server_serves_only_web_and_only_on_loopback(corpus: tuple[Path, SynthSu
 
 def test_serve_forever_prints_its_url_and_stops_on_ctrl_c(corpus: tuple[Path, SynthSummary, int]) -> None:
     port = free_port()
-    code = "import sys; from pipeline.serve import serve_forever; serve_forever(sys.argv[1], port=int(sys.argv[2]))"
+    code = "import sys; from pairsift.pipeline.serve import serve_forever; serve_forever(sys.argv[1], port=int(sys.argv[2]))"
     proc = subprocess.Popen([sys.executable, "-c", code, str(corpus[0]), str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
     try:

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from stages.balance import REASON_BALANCED_OUT, REASON_NO_MATCH, Balance, BalanceConfig, choose_t
-from stages.matching import metaclip_spacing
-from stages.metadata import Metadata, write_metadata
+from pairsift.stages.balance import REASON_BALANCED_OUT, REASON_NO_MATCH, Balance, BalanceConfig, choose_t
+from pairsift.stages.matching import metaclip_spacing
+from pairsift.stages.metadata import Metadata, write_metadata
 
 
 def make_pool(captions: list[str]) -> pa.Table:
@@ -337,7 +337,7 @@ def test_500k_entry_metadata_builds_and_matches(tmp_path: Path) -> None:
 def test_relative_t_is_a_multiple_of_the_mean_entry_count(tmp_path):
     import pyarrow as pa
 
-    from stages.balance import Balance, BalanceConfig
+    from pairsift.stages.balance import Balance, BalanceConfig
 
     metadata = tmp_path / "m.txt"
     metadata.write_text("red circle\nblue square\ngreen star\n")

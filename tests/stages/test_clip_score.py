@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
-from stages import clip_decode, stage_class
-from stages.clip_score import (
+from pairsift.stages import clip_decode, stage_class
+from pairsift.stages.clip_score import (
     BELOW_THRESHOLD,
     DECODE_ERROR,
     NO_IMAGE,
@@ -564,7 +564,7 @@ for name in ("torch", "open_clip", "PIL", "torchvision"):
     sys.modules[name] = None  # importing any of these now raises ImportError
 sys.path.insert(0, {str(REPO)!r})
 import pyarrow.parquet as pq
-from stages.clip_score import ClipFilter, ClipFilterConfig
+from pairsift.stages.clip_score import ClipFilter, ClipFilterConfig
 table = pq.read_table({str(scores_path)!r})
 for cfg in (ClipFilterConfig(threshold=0.25), ClipFilterConfig(fraction=0.5)):
     print(ClipFilter(cfg)(table).column("reason").to_pylist())

@@ -16,7 +16,7 @@ from hostile_server import ENDPOINTS, HostileServer
 from PIL import Image
 from pydantic import ValidationError
 
-from stages.download import COLUMNS, Download, DownloadConfig
+from pairsift.stages.download import COLUMNS, Download, DownloadConfig
 
 DEADLINE_S = 1.5
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from stages.engines import (
+from pairsift.stages.engines import (
     MISSING_VLLM,
     EngineConfig,
     Prompt,

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import pytest
 from hostile_server import ENCODING_BOMB_SIZE, HostileServer, encoding_bomb
 
-from stages.fetch import (
+from pairsift.stages.fetch import (
     BAD_URL,
     DNS_ERROR,
     FAILED,

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from stages import stage_class
-from stages.base import with_reason
-from stages.image_filter import ImageFilter, ImageFilterConfig
+from pairsift.stages import stage_class
+from pairsift.stages.base import with_reason
+from pairsift.stages.image_filter import ImageFilter, ImageFilterConfig
 
 INT32 = pa.int32()
 STRICT = {"min_side": 64, "max_aspect_ratio": 3.0, "max_pixels": 4_000_000}
@@ -130,7 +130,7 @@ def test_registry_and_contract():
 # ---- placeholders: the same bytes under many URLs, across shards ----------------------------------
 
 def test_placeholder_needs_the_whole_pool():
-    from stages.image_filter import Placeholder, PlaceholderConfig
+    from pairsift.stages.image_filter import Placeholder, PlaceholderConfig
 
     stage = Placeholder(PlaceholderConfig(min_urls=3))
     # "not available" image under 3 URLs spread over two shards; a popular image re-posted under one URL

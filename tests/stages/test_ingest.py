@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages import ingest
-from stages.base import IMAGE
-from stages.ingest import DigestCounts, iter_input_shards, uid_of
-from stages.politeness import spread_by_domain, url_hosts
+from pairsift.stages import ingest
+from pairsift.stages.base import IMAGE
+from pairsift.stages.ingest import DigestCounts, iter_input_shards, uid_of
+from pairsift.stages.politeness import spread_by_domain, url_hosts
 
 ROWS = [
     {"URL": "http://a/1.jpg", "TEXT": "a red circle", "width": 10},

@@ -8,7 +8,7 @@ import ahocorasick
 import pyarrow as pa
 import pytest
 
-from stages.matching import Matcher, fold_plural, metaclip_spacing, normalized_tokens
+from pairsift.stages.matching import Matcher, fold_plural, metaclip_spacing, normalized_tokens
 
 METACLIP_ENTRIES = [
     "dog",  # 0

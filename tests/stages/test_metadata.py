@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.metadata import (
+from pairsift.stages.metadata import (
     DEFAULT_WORDNET_DIR,
     Metadata,
     build_metadata,

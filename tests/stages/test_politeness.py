@@ -22,9 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from stages.download import Download, DownloadConfig
-from stages.fetch import FAILED, OPT_OUT, FetchPolicy, FetchResult, fetch
-from stages.politeness import (
+from pairsift.stages.download import Download, DownloadConfig
+from pairsift.stages.fetch import FAILED, OPT_OUT, FetchPolicy, FetchResult, fetch
+from pairsift.stages.politeness import (
     DomainLimits,
     Politeness,
     RowScheduler,

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from stages import stage_class
-from stages.engines import Completion, EngineConfig
-from stages.recaption import (
+from pairsift.stages import stage_class
+from pairsift.stages.engines import Completion, EngineConfig
+from pairsift.stages.recaption import (
     DEFAULT_EXAMPLES,
     Bounds,
     EchoGuard,
@@ -546,7 +546,7 @@ def trained_clip(tmp_path_factory) -> Path:
     import open_clip
     from safetensors.torch import save_file
 
-    from stages.clip_score import load_clip
+    from pairsift.stages.clip_score import load_clip
 
     config_path = REPO / "configs" / "models" / "tiny-vit.json"
     model, preprocess, tokenizer = load_clip(str(config_path))
@@ -614,7 +614,7 @@ def test_concept_tags_name_the_true_concept_of_mismatched_pairs(trained_clip, en
 
 
 def test_concept_tags_use_clip_scores_embeddings(trained_clip, entries_file):
-    from stages.clip_score import ClipScore
+    from pairsift.stages.clip_score import ClipScore
 
     table, truth = mismatched_shard(24, seed=8)
     scorer = stage_class("clip_score")

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from stages import stage_class
-from stages.base import with_reason
-from stages.text_filter import (
+from pairsift.stages import stage_class
+from pairsift.stages.base import with_reason
+from pairsift.stages.text_filter import (
     DEFAULT_BOILERPLATE,
     INVALID_CHARS,
     REASONS,
@@ -193,7 +193,7 @@ def test_dedup_reads_ingest_flags(dedup, expected):
 
 
 def test_dedup_with_real_ingest_keeps_first_occurrence_across_shards(tmp_path):
-    from stages.ingest import iter_input_shards
+    from pairsift.stages.ingest import iter_input_shards
 
     urls = ["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg", "http://127.0.0.1/a.jpg",
             "http://127.0.0.1/c.jpg", "http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from synth_shards import write_shards
 
-from trainer.config import CaptionConfig, ConfigError
-from trainer.data import (
+from pairsift.trainer.config import CaptionConfig, ConfigError
+from pairsift.trainer.data import (
     StreamSpec,
     TrainLoader,
     assign_shards,
@@ -87,7 +87,7 @@ def test_caption_mix_through_the_stream(tmp_path):
 
 
 def test_keep_prob_redraws_samples_each_epoch(tmp_path):
-    from trainer.data import Reader
+    from pairsift.trainer.data import Reader
 
     write_shards(tmp_path / "s", 800, 200, seed=4, extra=lambda i, m: {**m, "keep_prob": 0.25})
     spec = spec_for(tmp_path / "s", readers=1, chunk=50)
@@ -110,7 +110,7 @@ def test_keep_prob_redraws_samples_each_epoch(tmp_path):
 
 
 def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path):
-    from trainer.data import TrainTransform
+    from pairsift.trainer.data import TrainTransform
 
     src = write_shards(tmp_path / "s", 400, 100, seed=5, corrupt_every=10)
     data = (src / "00003.tar").read_bytes()
@@ -174,7 +174,7 @@ def test_tar_index_matches_tarfile_for_every_tar_format(tmp_path, fmt):
     import io
     import tarfile
 
-    from trainer.data import _scan_tarfile, index_tar, read_members
+    from pairsift.trainer.data import _scan_tarfile, index_tar, read_members
 
     path = tmp_path / "x.tar"
     names = ["k/0001.jpg", "k/0001.txt", "d" * 70 + "/" + "e" * 90 + ".json", "ünï/0002.txt"]
@@ -204,7 +204,7 @@ def test_tar_index_matches_tarfile_for_every_tar_format(tmp_path, fmt):
 def test_a_stream_without_one_usable_sample_stops_after_one_epoch_with_the_reasons(tmp_path, workers):
     """Every image undecodable: the reader stops after one pass (80 samples, not two epochs' 160)
     and says what it skipped, in one line, also when it ran in a DataLoader worker process."""
-    from trainer.data import NoUsableSamples, TrainTransform
+    from pairsift.trainer.data import NoUsableSamples, TrainTransform
 
     write_shards(tmp_path / "s", 80, 20, seed=6, corrupt_every=1)
     tf = TrainTransform({"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
@@ -231,7 +231,7 @@ def _keep_prob_drawn_only_in(epoch: int, seed: int = 0):
 
 def test_an_epoch_with_nothing_drawn_gets_a_second_chance_then_stops(tmp_path):
     """keep_prob can leave an epoch empty by chance, so only two such epochs in a row stop the reader."""
-    from trainer.data import NoUsableSamples, Reader
+    from pairsift.trainer.data import NoUsableSamples, Reader
 
     write_shards(tmp_path / "late", 40, 20, seed=7, extra=_keep_prob_drawn_only_in(1))
     spec = spec_for(tmp_path / "late", readers=1, chunk=4)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from synth_shards import tiny_config
 
-from trainer.config import build_config
-from trainer.train import TrainResult, train
+from pairsift.trainer.config import build_config
+from pairsift.trainer.train import TrainResult, train
 
 STEPS = 4
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from synth_shards import CONCEPTS, TINY, draw
 
-from trainer.eval import evaluate, format_table, load_eval_set, retrieval, zero_shot
+from pairsift.trainer.eval import evaluate, format_table, load_eval_set, retrieval, zero_shot
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ def test_retrieval_recall_with_repeated_captions():
 def test_image_folder_layout_evaluates(tmp_path):
     import random
 
-    from trainer.model import build_model
+    from pairsift.trainer.model import build_model
 
     rng = random.Random(0)
     for name in CONCEPTS[:4]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from synth_shards import TINY, tiny_config
 
-from trainer.config import build_config
-from trainer.train import train
+from pairsift.trainer.config import build_config
+from pairsift.trainer.train import train
 
 SHIM = Path(__file__).with_name("open_clip_train_shim.py")
 
@@ -37,7 +37,7 @@ def test_open_clip_train_runs_on_pipeline_shards_and_our_trainer_continues(corpu
     # its checkpoint is a valid `pretrained` for our trainer (open_clip loads it weights_only)
     import torch
 
-    from trainer.model import build_model
+    from pairsift.trainer.model import build_model
 
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     loaded = build_model(TINY, pretrained=str(ckpt)).model.state_dict()

@@ -16,8 +16,8 @@ import torch
 import yaml
 from synth_shards import REPO, tiny_config, write_shards
 
-from trainer.config import ConfigError, build_config, load_config
-from trainer.train import TrainResult, train
+from pairsift.trainer.config import ConfigError, build_config, load_config
+from pairsift.trainer.train import TrainResult, train
 
 
 def _weights(final_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -29,9 +29,9 @@ def _weights(final_dir: str | Path) -> dict[str, torch.Tensor]:
 def test_tiny_model_learns_zero_shot_and_exports_open_clip_local_dir(corpus, tmp_path):
     import open_clip
 
-    from trainer.cli import eval_command
-    from trainer.eval import evaluate
-    from trainer.train import train_on_shards
+    from pairsift.trainer.cli import eval_command
+    from pairsift.trainer.eval import evaluate
+    from pairsift.trainer.train import train_on_shards
 
     # the demo's call: shard dir, steps, batch → <out>/final
     result = train_on_shards(corpus / "train", tmp_path / "run", steps=120, batch_size=64, eval_data=corpus,
@@ -69,7 +69,7 @@ def test_resume_after_kill_matches_the_uninterrupted_run(corpus, tmp_path):
     cfg_file = tmp_path / "cut.yaml"
     cfg_file.write_text(yaml.safe_dump(tiny_config(tmp_path / "cut", corpus / "train", **common)))
     log = tmp_path / "cut" / "log.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(cfg_file)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "pairsift.trainer.cli", "train", str(cfg_file)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 300
@@ -175,7 +175,7 @@ def _cli(argv: list[str]) -> subprocess.CompletedProcess:
 def test_training_on_undecodable_shards_fails_fast_with_one_line(tmp_path, capsys):
     """Every image corrupt: the trainer CLI stops at the first batch with exit 1 and one line
     saying why (one pass over the data, not two), before any step is logged or checkpointed."""
-    from trainer.cli import main
+    from pairsift.trainer.cli import main
 
     write_shards(tmp_path / "bad", 60, 30, seed=9, corrupt_every=1)
     cfg_file = tmp_path / "bad.yaml"

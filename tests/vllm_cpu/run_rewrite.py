@@ -25,8 +25,8 @@ def main(job_path: str) -> None:
     import pyarrow.parquet as pq
 
     sys.path.insert(0, str(REPO))
-    from stages.engines import EngineConfig, make_engine
-    from stages.recaption import Rewrite, RewriteConfig
+    from pairsift.stages.engines import EngineConfig, make_engine
+    from pairsift.stages.recaption import Rewrite, RewriteConfig
 
     job = json.loads(Path(job_path).read_text())
     engine_cfg = EngineConfig(**job["engine"])
