@@ -35,4 +35,4 @@ test: setup vllm-venv
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 
 lint: setup
-	$(BIN)/ruff check pipeline stages trainer configs tests benchmarks
+	$(BIN)/ruff check common pipeline stages trainer configs tests benchmarks

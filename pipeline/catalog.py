@@ -14,9 +14,9 @@ from pathlib import Path
 
 import duckdb
 
+from pairsift.common.storage import AnyPath, is_remote
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.run_dir import RunDir
-from pairsift.stages.storage import AnyPath, is_remote
 
 
 def _quote(name: str) -> str:

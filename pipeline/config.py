@@ -13,11 +13,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pairsift.common.storage import AnyPath, as_path
 from pairsift.configs import CONFIGS_DIR
 from pairsift.pipeline.errors import UserError
 from pairsift.stages import UnknownStage, stage_class
 from pairsift.stages.base import StageConfig
-from pairsift.stages.storage import AnyPath, as_path
 
 
 class Strict(BaseModel):

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pairsift.common.storage import storage_env
 from pairsift.pipeline.config import ExecutorConfig, RayConfig
 from pairsift.stages.base import Resources
-from pairsift.stages.storage import storage_env
 
 
 @dataclass(frozen=True)

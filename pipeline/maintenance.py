@@ -38,9 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pairsift.pipeline.errors import UserError
-from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
-from pairsift.stages.storage import (
+from pairsift.common.storage import (
     AnyPath,
     as_path,
     is_remote,
@@ -49,6 +47,8 @@ from pairsift.stages.storage import (
     read_parquet,
     remove,
 )
+from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
 
 TAKEDOWNS = "takedowns.parquet"  # every uid ever taken down: the catalog's and verify's input
 TAKEDOWN_LOG = "takedowns.jsonl"  # the audit log: what was removed, when, from which shard

@@ -30,9 +30,9 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from pairsift.common.storage import as_path
 from pairsift.pipeline.catalog import funnel, open_catalog, stage_labels
 from pairsift.pipeline.run_dir import RunDir, ShardFailed, write_atomic
-from pairsift.stages.storage import as_path
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
 SAMPLES_PER_GROUP = 8

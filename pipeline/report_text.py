@@ -7,12 +7,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pairsift.common.storage import as_path
 from pairsift.pipeline.catalog import funnel
 from pairsift.pipeline.config import RunConfig
 from pairsift.pipeline.run_dir import RunDir
 from pairsift.stages import stage_class
 from pairsift.stages.base import PoolStage
-from pairsift.stages.storage import as_path
 
 console = Console()
 

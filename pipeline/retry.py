@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from pairsift.common.storage import AnyPath, atomic_path, is_remote, read_parquet, remove
 from pairsift.pipeline.config import RunConfig
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.executor import Job, JobResult, WorkerSpec
@@ -47,7 +48,6 @@ from pairsift.stages.base import IMAGE, REASON
 from pairsift.stages.download import DECODE_ERROR, IMAGE_TOO_LARGE, NOT_AN_IMAGE
 from pairsift.stages.fetch import BAD_URL, DNS_ERROR, FAILED, OPT_OUT, REFUSED, TIMEOUT, TOO_LARGE
 from pairsift.stages.politeness import DOMAIN_UNAVAILABLE, RATE_LIMITED, ROBOTS_DISALLOWED
-from pairsift.stages.storage import AnyPath, atomic_path, is_remote, read_parquet, remove
 
 log = logging.getLogger("pairsift")
 DOWNLOAD = "download"

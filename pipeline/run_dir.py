@@ -10,7 +10,7 @@
     <run>/shards/NNNNN.tar|.parquet        final training shards, plus sizes.json
 
 Every file is written to a temporary name and renamed into place (uploaded whole, on an object
-store: ``stages.storage``), and a part's marker is written after the part: a part without a matching
+store: ``pairsift.common.storage``), and a part's marker is written after the part: a part without a matching
 marker does not exist as far as resume is concerned. The root may be a local path or an fsspec URL.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pairsift.common.storage import AnyPath, as_path, is_remote, remove, write_atomic
 from pairsift.pipeline.errors import UserError
-from pairsift.stages.storage import AnyPath, as_path, is_remote, remove, write_atomic
 
 __all__ = ["RunDir", "ShardDone", "ShardFailed", "write_atomic"]
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from pairsift.common.storage import is_remote, read_parquet, remove
 from pairsift.pipeline.config import RunConfig, config_hash
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.executor import Job, JobResult, LocalExecutor, RayExecutor, WorkerSpec, make_executor
@@ -31,7 +32,6 @@ from pairsift.pipeline.shards import ShardWriter, plan_output_shards, remove_sta
 from pairsift.stages import stage_class, stage_path
 from pairsift.stages.base import IMAGE, PoolStage
 from pairsift.stages.ingest import iter_input_shards
-from pairsift.stages.storage import is_remote, read_parquet, remove
 
 log = logging.getLogger("pairsift")
 

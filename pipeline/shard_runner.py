@@ -18,10 +18,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pairsift.common.storage import AnyPath, atomic_path, read_parquet
 from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
 from pairsift.stages import import_stage
 from pairsift.stages.base import IMAGE, REASON, PoolStage, Stage, StageConfig
-from pairsift.stages.storage import AnyPath, atomic_path, read_parquet
 
 MAX_ERROR_KINDS = 20  # a capped counter: a million distinct errors must not become a million keys
 

@@ -17,11 +17,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pairsift.common.storage import atomic_path, remove
 from pairsift.pipeline.maintenance import taken_down_uids
 from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
 from pairsift.pipeline.shard_runner import _add_member, attach_images, image_extension, load_input
 from pairsift.stages.base import IMAGE
-from pairsift.stages.storage import atomic_path, remove
 
 Slice = tuple[int, int, int]  # (input shard, first kept row, end kept row)
 

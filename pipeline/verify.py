@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
 
+from pairsift.common.storage import AnyPath, is_remote, read_parquet
 from pairsift.pipeline.maintenance import taken_down_uids
 from pairsift.pipeline.run_dir import RunDir
-from pairsift.stages.storage import AnyPath, is_remote, read_parquet
 
 
 @dataclass

@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from pairsift.common.storage import AnyPath, as_path, is_remote, open_parquet
 from pairsift.stages.base import IMAGE
 from pairsift.stages.politeness import spread_by_domain, url_hosts
-from pairsift.stages.storage import AnyPath, as_path, is_remote, open_parquet
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "webdataset")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

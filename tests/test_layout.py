@@ -26,11 +26,11 @@ def imported_roots(path: Path) -> set[str]:
     return roots
 
 
-@pytest.mark.parametrize("package", ["pipeline", "stages", "trainer"])
+@pytest.mark.parametrize("package", ["common", "pipeline", "stages", "trainer"])
 def test_code_imports_the_installed_namespace_only(package):
     """Every import of our own code goes through ``pairsift.``: nothing installs a top-level
     ``pipeline``/``stages``/``trainer`` into site-packages."""
-    bare = {"pipeline", "stages", "trainer"}
+    bare = {"common", "pipeline", "stages", "trainer"}
     offenders = {}
     for path in sorted((REPO / package).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -40,7 +40,8 @@ def test_code_imports_the_installed_namespace_only(package):
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [("stages", {"pipeline", "ray", "trainer"}),
+@pytest.mark.parametrize(("package", "forbidden"), [("common", {"pipeline", "stages", "trainer"}),
+                                                    ("stages", {"pipeline", "ray", "trainer"}),
                                                     ("trainer", {"pipeline", "stages"})])
 def test_imports_point_one_way(package, forbidden):
     offenders = {str(p.relative_to(REPO)): sorted(imported_roots(p) & forbidden)

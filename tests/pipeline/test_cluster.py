@@ -217,7 +217,7 @@ def test_the_pipeline_submitted_as_a_ray_job_on_three_nodes_equals_a_local_run(c
     job = subprocess.run(
         [RAY, "job", "submit", "--address", cluster.dashboard,
          "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}}),
-         "--", sys.executable, "-m", "pipeline", "run", str(download_config(root, root / "corpus", "job"))],
+         "--", sys.executable, "-m", "pairsift.pipeline", "run", str(download_config(root, root / "corpus", "job"))],
         env=cluster.env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
     nodes = new_job_nodes(cluster, before)

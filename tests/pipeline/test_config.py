@@ -108,7 +108,7 @@ def test_arbitrary_yaml_values_never_crash(value):
 def test_cli_validate_prints_one_line_and_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(BASE | {"stages": [{"stage": "download", "timeout_s": "soon"}]}))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(bad)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pairsift.pipeline", "validate", str(bad)], capture_output=True, text=True,
                           cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")

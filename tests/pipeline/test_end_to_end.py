@@ -118,7 +118,7 @@ def test_shards_hold_exactly_the_kept_samples(curated):
 
 def test_cli_status_query_and_plan(curated):
     root, _, _ = curated
-    cli = [sys.executable, "-m", "pipeline"]
+    cli = [sys.executable, "-m", "pairsift.pipeline"]
     status = subprocess.run(cli + ["status", str(root / "run")], capture_output=True, text=True, cwd=REPO)
     assert status.returncode == 0 and "failed_to_download" in status.stdout and "image_filter" in status.stdout
     result = subprocess.run(cli + ["query", str(root / "run"), "SELECT count(*) AS n FROM samples"],

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from pairsift.common.storage import as_path
 from pairsift.pipeline.catalog import funnel, query
 from pairsift.pipeline.cli import app
 from pairsift.pipeline.config import CONFIGS_DIR, parse_config
@@ -31,7 +32,6 @@ from pairsift.pipeline.runner import run_pipeline
 from pairsift.pipeline.serve import free_port, serve
 from pairsift.pipeline.synth import synthesize
 from pairsift.pipeline.verify import verify_run
-from pairsift.stages.storage import as_path
 
 POOL = 240
 BUCKET = "pairsift-test"

@@ -125,7 +125,7 @@ def test_retry_refetches_only_the_failed_rows_and_ends_where_a_clean_run_ends(se
     start = len(server.requests)
     cfg_path = root / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config(root, pool)))
-    cli = [sys.executable, "-m", "pipeline"]
+    cli = [sys.executable, "-m", "pairsift.pipeline"]
     result = subprocess.run(cli + ["run", str(cfg_path), "--retry-failed"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "download retry" in result.stdout and "6 rows in 2 shards re-fetched, 6 now downloaded" in result.stdout
@@ -220,7 +220,7 @@ def test_wrong_usage_is_one_line(tmp_path):
     # the CLI: exit 2, one line, no traceback
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg_path), "--retry-failed",
+    result = subprocess.run([sys.executable, "-m", "pairsift.pipeline", "run", str(cfg_path), "--retry-failed",
                              "--reasons", "timeout,nope"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

