@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from pairsift.stages.base import PoolStage, StageConfig, with_reason
+from pairsift.stages.base import Contract, PoolStage, StageConfig, with_reason
 from pairsift.stages.matching import MATCHED_ENTRIES_TYPE, Matcher
 from pairsift.stages.metadata import Metadata, load_metadata
 
@@ -76,6 +76,11 @@ class Balance(PoolStage):
         super().__init__(cfg)
         self._metadata: Metadata | None = None
         self._matcher: Matcher | None = None
+
+    def contract(self) -> Contract:
+        writes = {"matched_entries": pa.list_(pa.int32()), "n_matches": pa.int32(), "keep_prob": pa.float32()}
+        return Contract(reads=(CAPTION,), writes=writes, reasons=(REASON_NO_MATCH, REASON_BALANCED_OUT),
+                        bulky=("matched_entries",))
 
     def setup(self) -> None:
         metadata = self.metadata

@@ -13,6 +13,7 @@ global entry counts): ``partial`` summarises one shard, ``fit`` combines all sum
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -36,6 +37,24 @@ class Resources(BaseModel):
     gpus: float = 0.0
 
 
+@dataclass(frozen=True)
+class Contract:
+    """What a stage reads, writes and drops with. The engine asks this (to validate a config before
+    Ray starts, to read only the columns a stage needs, to know which reasons a retry may cure) and
+    never names a stage, a column or a reason itself."""
+
+    reads: tuple[str, ...] = ()  # columns needed from ingest or an earlier stage; IMAGE = the image bytes
+    optional: tuple[str, ...] = ()  # columns used when an earlier stage wrote them
+    writes: dict[str, pa.DataType] = field(default_factory=dict)  # columns added, with their types
+    reasons: tuple[str, ...] = ()  # reasons a row may be dropped with
+    retryable: tuple[str, ...] = ()  # of those, the ones a later attempt may cure (``--retry-failed``)
+    captions: tuple[str, ...] = ()  # written columns of text the trainer reads as captions
+    bulky: tuple[str, ...] = ()  # written columns too big for a sample's json (embeddings, match lists)
+    # reason -> the largest share of a stage's rows it may take before the run stops: past it, the
+    # environment is failing (a dead resolver), not the data
+    abort_shares: dict[str, float] = field(default_factory=dict)
+
+
 class Stage(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[StageConfig]]
@@ -51,6 +70,10 @@ class Stage(ABC):
     @property
     def resources(self) -> Resources:
         return Resources()
+
+    def contract(self) -> Contract:
+        """Columns read and written, and the reasons this stage drops with (may depend on its config)."""
+        return Contract()
 
     def setup(self) -> None:  # noqa: B027 - optional hook: most stages have nothing heavy to load
         """Load heavy things once per worker."""

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pairsift.stages.base import IMAGE, PoolStage, Resources, Stage, StageConfig, with_reason
+from pairsift.stages.base import IMAGE, Contract, PoolStage, Resources, Stage, StageConfig, with_reason
 
 if TYPE_CHECKING:
     import torch
@@ -472,6 +472,13 @@ class ClipScore(Stage):
         super().__init__(cfg)
         self.scorer: ClipScorer | None = None
 
+    def contract(self) -> Contract:
+        writes = {SCORE: pa.float32()}
+        if self.cfg.store_embeddings:
+            writes |= {IMAGE_EMBEDDING: pa.list_(pa.float16()), TEXT_EMBEDDING: pa.list_(pa.float16())}
+        return Contract(reads=(IMAGE, CAPTION), writes=writes, reasons=(DECODE_ERROR, NO_IMAGE),
+                        bulky=(IMAGE_EMBEDDING, TEXT_EMBEDDING))
+
     @property
     def resources(self) -> Resources:
         gpus = self.cfg.gpus if self.cfg.gpus is not None else (1.0 if self.cfg.device == "cuda" else 0.0)
@@ -567,6 +574,9 @@ class ClipFilter(PoolStage):
     name: ClassVar[str] = "clip_filter"
     config_class: ClassVar[type[StageConfig]] = ClipFilterConfig
     cfg: ClipFilterConfig
+
+    def contract(self) -> Contract:
+        return Contract(reads=(SCORE,), reasons=(BELOW_THRESHOLD, NO_SCORE))
 
     @staticmethod
     def _scores(shard: pa.Table) -> pa.ChunkedArray:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from pairsift.stages.base import PoolStage, Stage, StageConfig, with_reason
+from pairsift.stages.base import Contract, PoolStage, Stage, StageConfig, with_reason
 
 REASONS = ("missing_size", "image_too_small", "extreme_aspect_ratio", "too_many_pixels")
 
@@ -34,6 +34,9 @@ class ImageFilter(Stage):
     name: ClassVar[str] = "image_filter"
     config_class: ClassVar[type[StageConfig]] = ImageFilterConfig
     cfg: ImageFilterConfig
+
+    def contract(self) -> Contract:
+        return Contract(reads=("width", "height"), optional=("original_width", "original_height"), reasons=REASONS)
 
     def __call__(self, shard: pa.Table) -> pa.Table:
         width, height = original_size(shard)
@@ -95,6 +98,9 @@ class Placeholder(PoolStage):
     name: ClassVar[str] = "placeholder"
     config_class: ClassVar[type[StageConfig]] = PlaceholderConfig
     cfg: PlaceholderConfig
+
+    def contract(self) -> Contract:
+        return Contract(reads=("sha256", "url"), reasons=("placeholder",))
 
     def partial(self, shard: pa.Table) -> pa.Table:
         if "sha256" not in shard.column_names:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pairsift.stages.base import IMAGE, REASON, Resources, Stage, StageConfig
+from pairsift.stages.base import IMAGE, REASON, Contract, Resources, Stage, StageConfig
 from pairsift.stages.engines import (
     Completion,
     Engine,
@@ -326,6 +326,10 @@ class Rewrite(Stage):
         self.engine: Engine | None = None
         self.meter = Meter("rewrite")
 
+    def contract(self) -> Contract:
+        writes = {"rewrites": pa.list_(pa.string()), "rewrite_flags": pa.list_(pa.string())}
+        return Contract(reads=("uid", "caption"), writes=writes, captions=("rewrites",))
+
     @property
     def resources(self) -> Resources:
         return Resources(cpus=self.cfg.cpus, gpus=_engine_gpus(self.cfg.gpus, self.cfg.engine))
@@ -476,6 +480,15 @@ class Enrich(Stage):
         self.bounds = Bounds(min_words=3, max_words=cfg.max_words, max_chars=cfg.max_chars)
         fixed = [cfg.describe_prompt, *re.split(r"\{caption\}|\{description\}", cfg.fuse_prompt)]
         self.guard = EchoGuard.of(fixed, [])
+
+    def contract(self) -> Contract:
+        if self.cfg.mode == "vlm":
+            return Contract(reads=("uid", "caption", IMAGE), captions=("enriched_caption",), writes={
+                "visual_description": pa.string(), "enriched_caption": pa.string(),
+                "enrich_flags": pa.list_(pa.string())})
+        return Contract(reads=("uid", "caption"), optional=(IMAGE, "image_embedding"), captions=("enriched_caption",),
+                        writes={"concept_tags": pa.list_(pa.string()), "enriched_caption": pa.string(),
+                                "enrich_flags": pa.list_(pa.string())})
 
     @property
     def resources(self) -> Resources:

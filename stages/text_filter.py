@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pycld2  # C extension with compiled-in tables: cheap to import, no files, no network
 from pydantic import Field, field_validator, model_validator
 
-from pairsift.stages.base import Stage, StageConfig, with_reason
+from pairsift.stages.base import Contract, Stage, StageConfig, with_reason
 
 CAPTION = "caption"
 LANGUAGE = "language"
@@ -151,6 +151,10 @@ class TextFilter(Stage):
         super().__init__(cfg)
         self.boilerplate = combined_pattern(cfg.boilerplate_patterns) if cfg.boilerplate_patterns else None
         self.allowed = frozenset(cfg.languages or ())
+
+    def contract(self) -> Contract:
+        dedup = () if self.cfg.dedup == "none" else (f"dup_{self.cfg.dedup}",)
+        return Contract(reads=(CAPTION, *dedup), writes={LANGUAGE: pa.string()}, reasons=REASONS)
 
     def __call__(self, shard: pa.Table) -> pa.Table:
         codes = np.zeros(shard.num_rows, np.int8)
