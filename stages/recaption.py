@@ -439,7 +439,7 @@ class EnrichConfig(StageConfig):
     retries: int = Field(1, ge=0)
     # mode "concept_tags": top-k metadata entries by CLIP similarity, fused by a template
     clip_model: str | None = (
-        None  # as stages.clip_score.load_clip; use clip_score's model to reuse its embeddings
+        None  # as pairsift.common.clip_models.load_clip; use clip_score's model to reuse its embeddings
     )
     clip_pretrained: str | None = None
     device: str = "cpu"
@@ -614,7 +614,7 @@ class Enrich(Stage):
     def _setup_tags(self) -> None:
         import torch
 
-        from pairsift.stages.clip_score import load_clip
+        from pairsift.common.clip_models import load_clip
         from pairsift.stages.metadata import load_metadata
 
         self.entries = list(load_metadata(self.cfg.entries).entries)

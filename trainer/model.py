@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
+from pairsift.common.clip_models import CONFIG_NAME, DIR_CHECKPOINTS, LOCAL_DIR
 from pairsift.trainer.config import ConfigError
 
-LOCAL_DIR = "local-dir:"
-CONFIG_NAME = "open_clip_config.json"
-WEIGHTS_NAME = "open_clip_model.safetensors"
+WEIGHTS_NAME = DIR_CHECKPOINTS[0]
 
 
 @dataclass
@@ -109,13 +108,14 @@ def export_local_dir(model: torch.nn.Module, model_cfg: dict[str, Any], preproce
 
 
 def load_local_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any, Any]:
-    """(model in eval mode, val transform, tokenizer) from a directory ``export_local_dir`` wrote."""
-    import open_clip
+    """(model in eval mode, val transform, tokenizer) from a directory ``export_local_dir`` wrote,
+    through the same strict loader clip_score uses."""
+    from pairsift.common.clip_models import load_clip
 
     d = Path(str(path).removeprefix(LOCAL_DIR))
     if not (d / CONFIG_NAME).is_file():
         raise ConfigError(f"{d} is not a model checkpoint directory (no {CONFIG_NAME})")
-    name = LOCAL_DIR + str(d)
-    model, _, val_tf = open_clip.create_model_and_transforms(name, device=device)
-    model.eval()
-    return model, val_tf, open_clip.get_tokenizer(name)
+    try:
+        return load_clip(LOCAL_DIR + str(d), device=str(device))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
+from pairsift.common.clip_models import load_clip
 from pairsift.stages import clip_decode, stage_class
 from pairsift.stages.clip_score import (
     BELOW_THRESHOLD,
@@ -30,7 +31,6 @@ from pairsift.stages.clip_score import (
     ClipFilterConfig,
     ClipScore,
     ClipScoreConfig,
-    load_clip,
     pool_threshold,
 )
 
