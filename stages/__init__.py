@@ -11,6 +11,7 @@ import importlib
 from pairsift.stages.base import Stage
 
 STAGES: dict[str, str] = {
+    "url_blocklist": "pairsift.stages.blocklist:UrlBlocklist",
     "text_filter": "pairsift.stages.text_filter:TextFilter",
     "download": "pairsift.stages.download:Download",
     "image_filter": "pairsift.stages.image_filter:ImageFilter",
