@@ -47,7 +47,11 @@ class Contract:
     optional: tuple[str, ...] = ()  # columns used when an earlier stage wrote them
     writes: dict[str, pa.DataType] = field(default_factory=dict)  # columns added, with their types
     reasons: tuple[str, ...] = ()  # reasons a row may be dropped with
-    retryable: tuple[str, ...] = ()  # of those, the ones a later attempt may cure (``--retry-failed``)
+    # ``--retry-failed``: reasons a later attempt may cure (retried by default), reasons retried only
+    # when asked for by name, and reasons no retry can cure, each with why (said when refused)
+    retryable: tuple[str, ...] = ()
+    retryable_on_request: tuple[str, ...] = ()
+    final: dict[str, str] = field(default_factory=dict)
     captions: tuple[str, ...] = ()  # written columns of text the trainer reads as captions
     bulky: tuple[str, ...] = ()  # written columns too big for a sample's json (embeddings, match lists)
     # reason -> the largest share of a stage's rows it may take before the run stops: past it, the

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from pairsift.common.storage import AnyPath, as_path, is_remote, open_parquet
-from pairsift.stages.base import IMAGE
+from pairsift.stages.base import IMAGE, Contract
 from pairsift.stages.politeness import spread_by_domain, url_hosts
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "webdataset")
@@ -480,3 +480,12 @@ def _read_batches_checked(source: AnyPath, fmt: str) -> Iterator[pa.Table]:
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError, EOFError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{source}: cannot read as {fmt}: {first_line}") from None
+
+
+# What ingest writes, in the same terms as a stage's contract: the engine checks later stages' reads
+# against it. Input columns beyond url and caption are kept too, but no stage may rely on them.
+INGEST_CONTRACT = Contract(
+    writes={"uid": pa.string(), "url": pa.string(), "caption": pa.string(), "dup_url": pa.bool_(),
+            "dup_url_caption": pa.bool_()},
+    bulky=("dup_url", "dup_url_caption"),
+)
