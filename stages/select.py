@@ -89,7 +89,9 @@ class Select(PoolStage):
 
         where = f"coalesce(({self.cfg.where}), false)" if self.cfg.where else "true"
         score = f"CAST(({self.cfg.score}) AS FLOAT)" if self.cfg.score else "CAST(NULL AS FLOAT)"
-        con = duckdb.connect()
+        # The expressions are the config author's, but a row's values are the web's: no file or
+        # network access from inside the query, whatever the SQL says.
+        con = duckdb.connect(config={"enable_external_access": False})
         try:
             con.register("shard", shard.select([c for c in self.contract().reads if c in shard.column_names]
                                                or shard.column_names[:1]))

@@ -76,3 +76,12 @@ def test_columns_named_by_the_sql_are_the_declared_reads():
 def test_incomplete_or_contradictory_configs_are_refused(bad):
     with pytest.raises(ValidationError):
         SelectConfig(**bad)
+
+
+def test_the_sql_cannot_reach_files(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x")
+    table = pa.table({"uid": ["a" * 32], "caption": ["c"]})
+    stage = Select(SelectConfig(where=f"(SELECT count(*) FROM read_text('{secret}')) > 0 OR caption = 'c'"))
+    with pytest.raises(ValueError, match="select: .*(disabled|Permission)"):
+        run(stage, [table])
