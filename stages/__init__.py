@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "clip_score": "pairsift.stages.clip_score:ClipScore",
     "clip_filter": "pairsift.stages.clip_score:ClipFilter",
     "balance": "pairsift.stages.balance:Balance",
+    "pii": "pairsift.stages.pii:Pii",
     "select": "pairsift.stages.select:Select",
     "rewrite": "pairsift.stages.recaption:Rewrite",
     "enrich": "pairsift.stages.recaption:Enrich",
