@@ -11,6 +11,7 @@ import importlib
 from pairsift.stages.base import Stage
 
 STAGES: dict[str, str] = {
+    "image_hashes": "pairsift.stages.image_hashes:ImageHashes",
     "faces": "pairsift.stages.faces:Faces",
     "url_blocklist": "pairsift.stages.blocklist:UrlBlocklist",
     "text_filter": "pairsift.stages.text_filter:TextFilter",
