@@ -14,6 +14,7 @@ STAGES: dict[str, str] = {
     "image_hashes": "pairsift.stages.image_hashes:ImageHashes",
     "faces": "pairsift.stages.faces:Faces",
     "url_blocklist": "pairsift.stages.blocklist:UrlBlocklist",
+    "hash_blocklist": "pairsift.stages.blocklist:HashBlocklist",
     "text_filter": "pairsift.stages.text_filter:TextFilter",
     "download": "pairsift.stages.download:Download",
     "image_filter": "pairsift.stages.image_filter:ImageFilter",

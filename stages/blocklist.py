@@ -1,4 +1,6 @@
-"""Known-bad URL and domain lists, checked before anything is fetched (``url_blocklist``).
+"""Known-bad lists: URLs and domains checked before anything is fetched (``url_blocklist``), and
+image hashes checked once the bytes are here (``hash_blocklist``, and the download stage's
+``hash_lists``).
 
 An operator supplies lists (CSAM hash-list vendors, takedown requests, opt-out registries, their own
 policy) as files: ``.txt`` (one entry a line, ``#`` comments), ``.csv`` or ``.parquet`` (the column
@@ -23,11 +25,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from pairsift.common.storage import as_path, read_parquet
-from pairsift.stages.base import Contract, Stage, StageConfig, with_reason
+from pairsift.stages.base import IMAGE, Contract, Stage, StageConfig, with_reason
 
 BLOCKLISTED = "blocklisted"
 BLOCKLIST = "blocklist"
@@ -79,7 +82,8 @@ def registered_domain(host: str) -> str:
         return _suffix_list().privatesuffix(host) or host
 
 
-def _read_entries(spec: ListSpec) -> list[str]:
+def _read_entries(spec: ListSpec | HashListSpec) -> list[str]:
+    """The entries of one list file: txt lines (``#`` comments), or a csv/parquet column."""
     path = as_path(spec.path)
     suffix = Path(str(path)).suffix.lower()
     try:
@@ -156,3 +160,116 @@ def _normalise_entry(kind: str, entry: str) -> str | None:
         parsed = split_url(host)
         host = parsed[1] if parsed else ""
     return (registered_domain(host) if kind == "registered_domain" else host) or None
+
+
+# --------------------------------------------------------------------------- image hash lists
+
+HashKind = Literal["sha256", "md5", "phash", "pdq"]
+HASH_BYTES = {"phash": 8, "pdq": 32}
+DEFAULT_RADIUS = {"phash": 8, "pdq": 31}  # PDQ's authors suggest 31 of 256 bits
+
+
+class HashListSpec(StageConfig):
+    name: str = Field(min_length=1)
+    path: str
+    kind: HashKind
+    column: str | None = None
+    radius: int | None = Field(None, ge=0, le=64, description="Hamming radius for phash/pdq; None = the default")
+
+
+class HashBlocklistConfig(StageConfig):
+    lists: list[HashListSpec] = Field(min_length=1)
+    max_side: int = Field(512, ge=32, description="images are shrunk to this longer side before hashing")
+
+
+class HashLists:
+    """Known-bad image hashes: exact sha256/md5 of the bytes, and pHash/PDQ within a radius."""
+
+    def __init__(self, specs: list[HashListSpec]):
+        from pairsift.stages.hash_index import HashIndex, as_hash_rows
+
+        self.exact: dict[str, dict[str, str]] = {"sha256": {}, "md5": {}}
+        self.perceptual: list[tuple[HashListSpec, int, object, list[str]]] = []
+        for spec in specs:
+            entries = [e.lower() for e in _read_entries(spec)]
+            if spec.kind in self.exact:
+                for entry in entries:
+                    self.exact[spec.kind].setdefault(entry, spec.name)
+                continue
+            nbytes = HASH_BYTES[spec.kind]
+            try:
+                rows = as_hash_rows([bytes.fromhex(e.rjust(nbytes * 2, "0")) for e in entries], nbytes)
+            except ValueError:
+                raise ValueError(f"blocklist {spec.name!r}: {spec.path} holds entries that are not "
+                                 f"{nbytes * 2}-digit hex {spec.kind} hashes") from None
+            radius = DEFAULT_RADIUS[spec.kind] if spec.radius is None else spec.radius
+            self.perceptual.append((spec, radius, HashIndex(rows, radius), entries))
+
+    @property
+    def kinds(self) -> set[str]:
+        return {k for k, table in self.exact.items() if table} | {spec.kind for spec, *_ in self.perceptual}
+
+    def match(self, hashes: dict) -> tuple[str, str] | None:
+        """(list name, the listed hash that matched) for the first list that matches, else None."""
+        for kind in ("sha256", "md5"):
+            if (value := hashes.get(kind)) and (name := self.exact[kind].get(value)):
+                return name, value
+        for spec, _radius, index, entries in self.perceptual:
+            value = hashes.get(spec.kind)
+            if value is None:
+                continue
+            query = value.to_bytes(8, "big") if isinstance(value, int) else value
+            found = index.within(np.frombuffer(query, np.uint8))  # type: ignore[attr-defined]
+            if found:
+                return spec.name, entries[found[0][0]]
+        return None
+
+
+class HashBlocklist(Stage):
+    """Images whose hash is on a known-bad list: dropped with ``blocklisted``, the list in
+    ``blocklist`` and the listed hash in ``blocklist_hash``. Runs on images already fetched (or
+    given as webdataset input); to keep such bytes out of the download folder too, give the same
+    lists to the download stage's ``hash_lists``."""
+
+    name: ClassVar[str] = "hash_blocklist"
+    config_class: ClassVar[type[StageConfig]] = HashBlocklistConfig
+    stateful: ClassVar[bool] = True
+    needs_images: ClassVar[bool] = True
+    cfg: HashBlocklistConfig
+
+    def __init__(self, cfg: HashBlocklistConfig):
+        super().__init__(cfg)
+        self.lists: HashLists | None = None
+
+    def contract(self) -> Contract:
+        return Contract(reads=(IMAGE,), writes={BLOCKLIST: pa.string(), "blocklist_hash": pa.string()},
+                        reasons=(BLOCKLISTED,))
+
+    def setup(self) -> None:
+        self.lists = HashLists(self.cfg.lists)
+
+    def __call__(self, shard: pa.Table) -> pa.Table:
+        if self.lists is None:
+            self.setup()
+        assert self.lists is not None
+        hits = [image_match(self.lists, data, self.cfg.max_side) if data else None
+                for data in shard.column(IMAGE).to_pylist()]
+        shard = shard.append_column(BLOCKLIST, pa.array([h[0] if h else None for h in hits], pa.string()))
+        shard = shard.append_column("blocklist_hash", pa.array([h[1] if h else None for h in hits], pa.string()))
+        return with_reason(shard, [BLOCKLISTED if h else None for h in hits])
+
+
+def image_match(lists: HashLists, data: bytes, max_side: int = 512) -> tuple[str, str] | None:
+    """Hash ``data`` the ways the lists need (cheap exact hashes first) and match it."""
+    import hashlib
+
+    from pairsift.stages.image_hashes import ImageHashes, ImageHashesConfig
+
+    exact = {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data, usedforsecurity=False).hexdigest()}
+    if hit := lists.match(exact):
+        return hit
+    perceptual = [k for k in ("phash", "pdq") if k in lists.kinds]
+    if not perceptual:
+        return None
+    hashes = ImageHashes(ImageHashesConfig(perceptual=perceptual, max_side=max_side)).hashes(data)
+    return lists.match(hashes) if hashes else None
