@@ -49,9 +49,55 @@ OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noml", "none"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_USER_AGENT = "Mozilla/5.0 (compatible; pairsift/0.1; +https://github.com/pairsift/pairsift)"
 _READ_CHUNK = 1 << 16
-# Special-purpose IPv6 prefixes that embed an IPv4 address a gateway would forward to.
+# The well-known NAT64 prefix (RFC 6052): the IPv4 address a gateway forwards to is the last 32 bits.
+# The local-use prefix 64:ff9b:1::/48 (RFC 8215) may embed it at any of six bit offsets the
+# operator picks, so it is refused outright (IANA: not globally reachable) rather than decoded.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+# IANA's IPv4 and IPv6 Special-Purpose Address Registries (2025 edition), plus multicast and the
+# deprecated site-local prefix: every range here is refused, whatever ``ipaddress.is_global``
+# thinks (Python 3.11.7's lets 192.0.0.0/24 through, CVE-2024-4032). The few anycast services the
+# registries mark globally reachable (192.0.0.9, AS112, AMT, 2001:1::1...) are refused too: no
+# image is served from them. Each entry: network, the word a refusal starts with, IANA's name;
+# the first match names the refusal, so a narrower range comes before the one around it.
+SPECIAL_PURPOSE: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str, str], ...] = tuple(
+    (ipaddress.ip_network(network), kind, name)
+    for network, kind, name in (
+        ("0.0.0.0/32", "unspecified", "this host"),
+        ("0.0.0.0/8", "reserved", "this network"),
+        ("10.0.0.0/8", "private", "private-use"),
+        ("100.64.0.0/10", "not globally routable", "shared address space (carrier-grade NAT)"),
+        ("127.0.0.0/8", "loopback", "loopback"),
+        ("169.254.0.0/16", "link-local", "link local"),
+        ("172.16.0.0/12", "private", "private-use"),
+        ("192.0.0.0/24", "reserved", "IETF protocol assignments (DS-Lite, NAT64 discovery, ...)"),
+        ("192.0.2.0/24", "reserved", "documentation (TEST-NET-1)"),
+        ("192.31.196.0/24", "reserved", "AS112-v4"),
+        ("192.52.193.0/24", "reserved", "AMT"),
+        ("192.88.99.0/24", "reserved", "deprecated 6to4 relay anycast"),
+        ("192.168.0.0/16", "private", "private-use"),
+        ("192.175.48.0/24", "reserved", "direct delegation AS112 service"),
+        ("198.18.0.0/15", "reserved", "benchmarking"),
+        ("198.51.100.0/24", "reserved", "documentation (TEST-NET-2)"),
+        ("203.0.113.0/24", "reserved", "documentation (TEST-NET-3)"),
+        ("224.0.0.0/4", "multicast", "multicast"),
+        ("255.255.255.255/32", "reserved", "limited broadcast"),
+        ("240.0.0.0/4", "reserved", "reserved"),
+        ("::/128", "unspecified", "unspecified address"),
+        ("::1/128", "loopback", "loopback address"),
+        ("64:ff9b:1::/48", "private", "local-use IPv4/IPv6 translation"),
+        ("100::/64", "reserved", "discard-only address block"),
+        ("100:0:0:1::/64", "reserved", "dummy IPv6 prefix"),
+        ("2001::/23", "reserved", "IETF protocol assignments (Teredo, ORCHID, benchmarking, ...)"),
+        ("2001:db8::/32", "reserved", "documentation"),
+        ("3fff::/20", "reserved", "documentation"),
+        ("5f00::/16", "reserved", "segment routing (SRv6) SIDs"),
+        ("fc00::/7", "private", "unique-local"),
+        ("fe80::/10", "link-local", "link-local unicast"),
+        ("fec0::/10", "private", "site-local (deprecated)"),
+        ("ff00::/8", "multicast", "multicast"),
+    )
+)
+GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")  # IPv6 outside it is unassigned or special
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
@@ -219,15 +265,15 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
-    if ip in _NAT64 or ip in _NAT64_LOCAL:
+    if ip in _NAT64:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
 
 def address_refusal(ip: IPAddress, allow_loopback: bool = False) -> str | None:
     """Why ``ip`` must not be dialled, or None when it is a global unicast address (or loopback
-    that is allowed). ``is_global`` already excludes private, link-local, reserved, unspecified,
-    documentation and shared (100.64/10) ranges; multicast has to be checked on its own."""
+    that is allowed). The explicit ``SPECIAL_PURPOSE`` table decides; ``is_global`` is only a
+    second opinion, since its own table has been wrong before (CVE-2024-4032)."""
     if isinstance(ip, ipaddress.IPv6Address):
         inner = embedded_ipv4(ip)
         if inner is not None:
@@ -236,16 +282,26 @@ def address_refusal(ip: IPAddress, allow_loopback: bool = False) -> str | None:
             why = address_refusal(inner, allow_loopback and ip.ipv4_mapped is not None)
             if why:
                 return f"{why} (embedded in {ip})"
-            if ip.ipv4_mapped is not None or ip in _NAT64 or ip in _NAT64_LOCAL:
+            if ip.ipv4_mapped is not None or ip in _NAT64:
                 return None  # ::ffff:a.b.c.d and NAT64 reach exactly that IPv4 address, which passed
             # 6to4, Teredo: the tunnel prefix itself must be acceptable too.
     if ip.is_loopback:
         return None if allow_loopback else "loopback"
-    for kind in ("unspecified", "link_local", "multicast", "reserved", "private"):
-        if getattr(ip, f"is_{kind}"):
-            return kind.replace("_", "-")
+    special = special_purpose(ip)
+    if special:
+        return special
+    if isinstance(ip, ipaddress.IPv6Address) and ip not in GLOBAL_UNICAST_V6:
+        return f"reserved: outside the global unicast block {GLOBAL_UNICAST_V6}"
     if not ip.is_global:
         return "not globally routable"
+    return None
+
+
+def special_purpose(ip: IPAddress) -> str | None:
+    """``kind: IANA name (network)`` of the first special-purpose range holding ``ip``, else None."""
+    for network, kind, name in SPECIAL_PURPOSE:
+        if ip.version == network.version and ip in network:
+            return f"{kind}: {name} ({network})"
     return None
 
 
