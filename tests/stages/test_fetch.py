@@ -21,21 +21,19 @@ from urllib.parse import quote
 import pytest
 from hostile_server import ENCODING_BOMB_SIZE, HostileServer, encoding_bomb
 
+from pairsift.stages.addresses import SPECIAL_PURPOSE, address_refusal, parse_ipv4_number
 from pairsift.stages.fetch import (
     BAD_URL,
     DNS_ERROR,
     FAILED,
     OPT_OUT,
     REFUSED,
-    SPECIAL_PURPOSE,
     TIMEOUT,
     TOO_LARGE,
     CachingResolver,
     FetchPolicy,
-    address_refusal,
     fetch,
     is_opted_out,
-    parse_ipv4_number,
     resolve_target,
 )
 
