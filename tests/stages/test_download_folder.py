@@ -33,21 +33,24 @@ IMG2DATASET_KEYS = ["url", "caption", "key", "status", "error_message", "width",
                     "original_height", "exif", "sha256"]
 
 
+def download_run(root: Path, urls: list[str]):
+    """A run config that downloads ``urls`` (captions numbered) into ``root / "run"``."""
+    pq.write_table(pa.table({"url": urls, "caption": [f"a photo number {i}" for i in range(len(urls))]}),
+                   root / "urls.parquet")
+    return parse_config({
+        "run_dir": str(root / "run"),
+        "input": {"path": str(root / "urls.parquet"), "shard_size": SHARD_SIZE},
+        "executor": {"kind": "local", "max_retries": 0},
+        "stages": [{"stage": "download", "image_size": 32, "encode_format": "jpg", "timeout_s": 5,
+                    "deadline_s": 10, "thread_count": 4, "retries": 0, "allow_loopback": True}],
+    })
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("download_folder")
     with HostileServer() as server:
-        urls = [server.url(path) for path in SERVED]
-        pq.write_table(pa.table({"url": urls, "caption": [f"a photo number {i}" for i in range(len(urls))]}),
-                       root / "urls.parquet")
-        cfg = parse_config({
-            "run_dir": str(root / "run"),
-            "input": {"path": str(root / "urls.parquet"), "shard_size": SHARD_SIZE},
-            "executor": {"kind": "local", "max_retries": 0},
-            "stages": [{"stage": "download", "image_size": 32, "encode_format": "jpg", "timeout_s": 5,
-                        "deadline_s": 10, "thread_count": 4, "retries": 0, "allow_loopback": True}],
-        })
-        run_pipeline(cfg)
+        run_pipeline(download_run(root, [server.url(path) for path in SERVED]))
     return root / "run"
 
 
@@ -138,3 +141,22 @@ def test_datacomps_resharder_input_logic_reads_the_folder(run):
             uids.append(uid)
     successes = {u for u, r in catalog(run).items() if r["status"] == "success"}
     assert len(uids) == total == len(successes) and set(uids) == successes
+
+
+def test_retry_failed_rewrites_the_json_and_the_stats_of_the_rows_it_fetched(tmp_path):
+    with HostileServer() as server:
+        urls = [server.url("/ok.jpg"), server.url("/flaky?key=a&fail=1&code=500"), server.url("/404")]
+        cfg = download_run(tmp_path, urls)
+        run_pipeline(cfg)
+        stats_path = tmp_path / "run/download/00000_stats.json"
+        before = json.loads(stats_path.read_text())
+        run_pipeline(cfg, retry_reasons=["failed_to_download"])
+    after = json.loads(stats_path.read_text())
+    assert (before["successes"], before["failed_to_download"]) == (1, 2)
+    assert (after["count"], after["successes"], after["failed_to_download"]) == (3, 2, 1)
+    samples = {s["__key__"]: s["json"] for s in wds.WebDataset(str(tmp_path / "run/download/00000.tar"),
+                                                                shardshuffle=False).decode()}
+    assert len(samples) == after["successes"]
+    retried = next(meta for meta in samples.values() if "flaky" in meta["url"])
+    assert list(retried) == IMG2DATASET_KEYS + ["uid"]
+    assert retried["status"] == "success" and retried["width"] == 32
