@@ -48,7 +48,7 @@ def samples(table: pa.Table, sample_json: dict[str, str]) -> Iterator[tuple[str,
         meta = {key: column[row] if column is not None else None for key, column in values.items()}
         yield uid, [(f"{uid}.{image_extension(image)}", image),
                     (f"{uid}.txt", (captions[row] or "").encode("utf-8", "replace")),
-                    (f"{uid}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8", "replace"))]
+                    (f"{uid}.json", json.dumps(meta).encode())]
 
 
 def write_image_tar(path: AnyPath, table: pa.Table, sample_json: dict[str, str]) -> int:

@@ -4,8 +4,8 @@ Fetching is ``stages.fetch`` (address policy, deadline, byte cap, opt-outs); res
 is img2dataset's ``Resizer``, so resize modes and output bytes match what img2dataset users know.
 Between the two sits a cheap inspection with PIL's lazy ``open_image`` (``pairsift.common.images``:
 only the formats pairsift supports, so an EPS body never reaches Ghostscript), which reads only the
-header: markup, unknown bytes, or a format outside that list served as an image are ``not_an_image``, and a declared size above
-``max_pixels`` is ``image_too_large`` before a single pixel is decoded (a 50,000² PNG bomb is a few
+header: markup, unknown bytes or a format outside that list are ``not_an_image``, and a declared size
+above ``max_pixels`` is ``image_too_large`` before a single pixel is decoded (a 50,000² PNG bomb is a few
 MB on the wire and 2.5 GB in memory). Images with an EXIF rotation, or in formats OpenCV cannot
 read, are made upright/readable with PIL first (img2dataset ignores EXIF orientation).
 
