@@ -30,6 +30,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from pairsift.common.images import IMAGE_MEMBER_EXTENSIONS, open_image
 from pairsift.common.storage import as_path
 from pairsift.pipeline.catalog import funnel, open_catalog, stage_labels
 from pairsift.pipeline.run_dir import RunDir, ShardFailed, write_atomic
@@ -46,7 +47,6 @@ MAX_CURVE_POINTS = 4000  # entry-count curves of 500k entries are drawn from log
 KEPT_COLOUR = "#59a14f"
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac", "#a0cbe8", "#ffbe7d", "#ff9d9a", "#86bcb6", "#f1ce63", "#d4a6c8", "#d7b5a6", "#79706e"]
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bin")
 
 
 def _quote(name: str) -> str:
@@ -443,7 +443,7 @@ def read_images(tar_path: Path, wanted: set[str]) -> dict[str, bytes]:
                 name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
                 size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
                 key, _, ext = name.rpartition(".")
-                if key in wanted and ext.lower() in IMAGE_EXTENSIONS and header[156:157] in (b"0", b"\0"):
+                if key in wanted and ext.lower() in IMAGE_MEMBER_EXTENSIONS and header[156:157] in (b"0", b"\0"):
                     found[key] = handle.read(size)
                     handle.seek(-size % 512, 1)
                 else:
@@ -459,7 +459,7 @@ def read_images_tarfile(tar_path: Path, wanted: set[str]) -> dict[str, bytes]:
         with tar_path.open("rb") as raw, tarfile.open(fileobj=raw) as tar:
             for member in tar:
                 key, _, ext = member.name.rpartition(".")
-                if key in wanted and ext.lower() in IMAGE_EXTENSIONS and member.isfile():
+                if key in wanted and ext.lower() in IMAGE_MEMBER_EXTENSIONS and member.isfile():
                     handle = tar.extractfile(member)
                     found[key] = handle.read() if handle else b""
                     if len(found) == len(wanted):
@@ -473,7 +473,7 @@ def thumbnail_uri(data: bytes) -> str | None:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             if image.width * image.height > MAX_THUMB_PIXELS:
                 return None
             image.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a reduced scale

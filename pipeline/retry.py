@@ -39,12 +39,13 @@ from pairsift.pipeline.shard_runner import (
     ShardRunner,
     _add_member,
     check_output,
-    image_extension,
     load_input,
+    samples,
     summarise,
+    tar_stats_path,
 )
 from pairsift.stages import stage_class, stage_path
-from pairsift.stages.base import IMAGE, REASON
+from pairsift.stages.base import REASON
 from pairsift.stages.download import DECODE_ERROR, IMAGE_TOO_LARGE, NOT_AN_IMAGE
 from pairsift.stages.fetch import BAD_URL, DNS_ERROR, FAILED, OPT_OUT, REFUSED, TIMEOUT, TOO_LARGE
 from pairsift.stages.politeness import DOMAIN_UNAVAILABLE, RATE_LIMITED, ROBOTS_DISALLOWED
@@ -148,20 +149,22 @@ class RetryRunner(ShardRunner):
         output = check_output(self.stage, subset, self.stage(subset))
         fresh = output.select(part.column_names).cast(part.schema)
         merged = merge_rows(part, fresh, rows)
-        new_images = {uid: image for uid, image in zip(subset.column("uid").to_pylist(),
-                                                       output.column(IMAGE).to_pylist()) if image is not None}
+        new_samples = dict(samples(output, self.stage.sample_json))
         seconds = time.perf_counter() - started
         done = ShardDone(config_hash=config_hash, upstream=before.upstream, attempts=before.attempts,
                          **summarise(merged, before.seconds + seconds))
-        if new_images:
+        if new_samples:
             remove(self.run.done_of(part_path))  # from here until the new marker, the shard is "not done"
-            rewrite_image_tar(self.run.images(self.label, shard), given, new_images,
+            rewrite_image_tar(self.run.images(self.label, shard), given, new_samples,
                               set(subset.column("uid").to_pylist()))
         else:
             # Every retried row failed again (its reason and error are updated): the rows later stages
             # see are exactly the same, so their work stays valid and the version stays too.
             done.version = before.version
         write_atomic(part_path, merged)
+        stats = self.stage.tar_stats(merged, time.time() - seconds, time.time())
+        if stats is not None:  # the statuses changed, so does the shard's stats file
+            write_atomic(tar_stats_path(self.run, self.label, shard), json.dumps(stats, indent=4))
         self.run.mark_done(part_path, done)
         old = part.column(REASON).take(pa.array(rows, pa.int64())).to_pylist()
         new = fresh.column(REASON).to_pylist()
@@ -202,24 +205,21 @@ def _members(path: AnyPath) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
             yield member, data.read() if data else b""
 
 
-def rewrite_image_tar(path: AnyPath, given: pa.Table, new_images: dict[str, bytes], retried: set[str]) -> None:
-    """The shard's image tar with the retried rows' new images added, every sample in row order
-    (as ``write_image_tar`` would have written it had they succeeded the first time)."""
+def rewrite_image_tar(path: AnyPath, given: pa.Table, new_samples: dict[str, list[tuple[str, bytes]]],
+                      retried: set[str]) -> None:
+    """The shard's image tar with the retried rows' new samples (``shard_runner.samples``) added,
+    every sample in row order (as ``write_image_tar`` would have written it had they succeeded the
+    first time)."""
     uids = given.column("uid").to_pylist()
     position = {uid: i for i, uid in enumerate(uids)}
-    urls, captions = given.column("url").to_pylist(), given.column("caption").to_pylist()
-    pending = sorted(position[uid] for uid in new_images)  # new samples, by row
+    pending = sorted(position[uid] for uid in new_samples)  # new samples, by row
     next_new = 0
 
     def add_new(tar: tarfile.TarFile, before: float) -> None:
         nonlocal next_new
         while next_new < len(pending) and pending[next_new] < before:
-            i = pending[next_new]
-            image, caption = new_images[uids[i]], captions[i]
-            _add_member(tar, f"{uids[i]}.{image_extension(image)}", image)
-            _add_member(tar, f"{uids[i]}.txt", (caption or "").encode("utf-8", "replace"))
-            _add_member(tar, f"{uids[i]}.json",
-                        json.dumps({"uid": uids[i], "url": urls[i], "caption": caption}).encode())
+            for name, data in new_samples[uids[pending[next_new]]]:
+                _add_member(tar, name, data)
             next_new += 1
 
     with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:

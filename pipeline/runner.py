@@ -30,7 +30,7 @@ from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardFailed, write_atom
 from pairsift.pipeline.shard_runner import ShardRunner, write_image_tar
 from pairsift.pipeline.shards import ShardWriter, plan_output_shards, remove_stale_shards, write_sizes
 from pairsift.stages import stage_class, stage_path
-from pairsift.stages.base import IMAGE, PoolStage
+from pairsift.stages.base import IMAGE, PoolStage, Stage
 from pairsift.stages.ingest import iter_input_shards
 
 log = logging.getLogger("pairsift")
@@ -99,7 +99,7 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
                 path = run.part("ingest", index)
                 usable += _usable_rows(table)
                 if IMAGE in table.column_names:
-                    write_image_tar(run.images("ingest", index), table)
+                    write_image_tar(run.images("ingest", index), table, Stage.sample_json)
                     table = table.drop_columns([IMAGE])
                 write_atomic(path, table)
                 run.mark_done(path, ShardDone(config_hash=ingest_hash, rows_in=table.num_rows,

@@ -13,27 +13,20 @@ import json
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pairsift.common.images import IMAGE_MEMBER_EXTENSIONS
+from pairsift.common.images import extension_of as image_extension
 from pairsift.common.storage import AnyPath, atomic_path, read_parquet
 from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
 from pairsift.stages import import_stage
 from pairsift.stages.base import IMAGE, REASON, PoolStage, Stage, StageConfig
 
 MAX_ERROR_KINDS = 20  # a capped counter: a million distinct errors must not become a million keys
-
-
-def image_extension(data: bytes) -> str:
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "bin"
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -43,21 +36,36 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_image_tar(path: AnyPath, table: pa.Table) -> int:
-    """Images as img2dataset writes them: KEY.<ext> + KEY.txt + KEY.json, KEY = uid."""
+def samples(table: pa.Table, sample_json: dict[str, str]) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """``(uid, members)`` of every row with an image, in row order: KEY.<ext>, KEY.txt (the
+    caption, webdataset's convention) and KEY.json (``sample_json``: json key -> column), KEY = uid."""
+    present = set(table.column_names)
+    values = {key: table.column(col).to_pylist() if col in present else None for key, col in sample_json.items()}
+    captions = table.column("caption").to_pylist() if "caption" in present else [None] * table.num_rows
+    for row, (uid, image) in enumerate(zip(table.column("uid").to_pylist(), table.column(IMAGE).to_pylist())):
+        if image is None:
+            continue
+        meta = {key: column[row] if column is not None else None for key, column in values.items()}
+        yield uid, [(f"{uid}.{image_extension(image)}", image),
+                    (f"{uid}.txt", (captions[row] or "").encode("utf-8", "replace")),
+                    (f"{uid}.json", json.dumps(meta).encode())]
+
+
+def write_image_tar(path: AnyPath, table: pa.Table, sample_json: dict[str, str]) -> int:
+    """The rows with an image as a webdataset tar, in the layout img2dataset writes (see ``samples``)."""
     count = 0
     with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
-        for uid, url, caption, image in zip(
-            table.column("uid").to_pylist(), table.column("url").to_pylist(),
-            table.column("caption").to_pylist(), table.column(IMAGE).to_pylist(),
-        ):
-            if image is None:
-                continue
-            _add_member(tar, f"{uid}.{image_extension(image)}", image)
-            _add_member(tar, f"{uid}.txt", (caption or "").encode("utf-8", "replace"))
-            _add_member(tar, f"{uid}.json", json.dumps({"uid": uid, "url": url, "caption": caption}).encode())
+        for _, members in samples(table, sample_json):
+            for name, data in members:
+                _add_member(tar, name, data)
             count += 1
     return count
+
+
+def tar_stats_path(run: RunDir, label: str, shard: int) -> AnyPath:
+    """img2dataset's per-shard stats file beside the tar: ``NNNNN_stats.json``."""
+    tar = run.images(label, shard)
+    return tar.with_name(f"{tar.name.split('.')[0]}_stats.json")
 
 
 def read_image_tar(path: AnyPath) -> dict[str, bytes]:
@@ -65,7 +73,7 @@ def read_image_tar(path: AnyPath) -> dict[str, bytes]:
     with path.open("rb") as handle, tarfile.open(fileobj=handle) as tar:
         for member in tar:
             key, _, ext = member.name.rpartition(".")
-            if ext in ("jpg", "png", "webp", "bin") and member.isfile():
+            if ext in IMAGE_MEMBER_EXTENSIONS and member.isfile():
                 handle = tar.extractfile(member)
                 images[key] = handle.read() if handle else b""
     return images
@@ -138,11 +146,16 @@ def check_output(stage: Stage, given: pa.Table, output: pa.Table) -> pa.Table:
     return output
 
 
-def write_part(run: RunDir, label: str, shard: int, given: pa.Table, output: pa.Table) -> None:
-    """The stage's new columns go to its parquet part; an image column goes to a tar beside it."""
+def write_part(run: RunDir, label: str, shard: int, given: pa.Table, output: pa.Table, stage: Stage,
+               started_at: float) -> None:
+    """The stage's new columns go to its parquet part; an image column goes to a tar beside it, with
+    the stage's per-shard stats file (if it has one) next to the tar."""
     new_columns = [n for n in output.column_names if n not in given.column_names or n == REASON]
     if IMAGE in new_columns or (IMAGE in output.column_names and IMAGE not in given.column_names):
-        write_image_tar(run.images(label, shard), output)
+        write_image_tar(run.images(label, shard), output, stage.sample_json)
+        stats = stage.tar_stats(output, started_at, time.time())
+        if stats is not None:
+            write_atomic(tar_stats_path(run, label, shard), json.dumps(stats, indent=4))
     keep = ["uid"] + [n for n in new_columns if n not in ("uid", IMAGE)]
     write_atomic(run.part(label, shard), output.select(keep))
 
@@ -167,10 +180,10 @@ class ShardRunner:
         return table
 
     def run_part(self, shard: int, config_hash: str, upstream_versions: list[str]) -> ShardDone:
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         given = self._input(shard)
         output = check_output(self.stage, given, self.stage(given))
-        write_part(self.run, self.label, shard, given, output)
+        write_part(self.run, self.label, shard, given, output, self.stage, started_at)
         done = ShardDone(config_hash=config_hash, upstream=upstream_versions,
                          **summarise(output, time.perf_counter() - started))
         self.run.mark_done(self.run.part(self.label, shard), done)
@@ -191,11 +204,11 @@ class ShardRunner:
     def run_apply(self, shard: int, config_hash: str, upstream_versions: list[str],
                   fitted: dict[str, Any]) -> ShardDone:
         assert isinstance(self.stage, PoolStage)
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         given = self._input(shard)
         summary = read_parquet(self.run.partial(self.label, shard))
         output = check_output(self.stage, given, self.stage.apply(given, fitted, summary))
-        write_part(self.run, self.label, shard, given, output)
+        write_part(self.run, self.label, shard, given, output, self.stage, started_at)
         done = ShardDone(config_hash=config_hash, upstream=upstream_versions,
                          **summarise(output, time.perf_counter() - started))
         self.run.mark_done(self.run.part(self.label, shard), done)

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pairsift.common.images import open_image
 from pairsift.pipeline.errors import UserError
 
 # Object colours, far apart in RGB (closest pair ~79) so the colour of the drawn object is
@@ -372,7 +373,7 @@ def encode(img: Image.Image, fmt: str, rnd: random.Random) -> bytes:
 
 def _decodes(data: bytes) -> bool:
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             im.load()
         return True
     except Exception:  # noqa: BLE001 - any failure means "not decodable", which is what we want

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
 
+from pairsift.common.images import IMAGE_MEMBER_EXTENSIONS
 from pairsift.common.storage import AnyPath, is_remote, read_parquet
 from pairsift.pipeline.maintenance import taken_down_uids
 from pairsift.pipeline.run_dir import RunDir
@@ -48,7 +49,7 @@ def _tar_keys(path: AnyPath, report: VerifyReport) -> list[str]:
         report.problem(f"{path.name}: does not open as a tar: {exc}")
         return []
     for key, exts in members.items():
-        if "txt" not in exts or "json" not in exts or not exts & {"jpg", "png", "webp"}:
+        if "txt" not in exts or "json" not in exts or not exts & set(IMAGE_MEMBER_EXTENSIONS):
             report.problem(f"{path.name}: sample {key} lacks an image, txt or json member ({sorted(exts)})")
     return list(members)
 

@@ -67,6 +67,9 @@ class Stage(ABC):
     stateful: ClassVar[bool] = False
     # True when the stage reads image bytes: the executor attaches an ``image`` column.
     needs_images: ClassVar[bool] = False
+    # A stage that outputs ``image`` gets a tar of KEY.<ext>/KEY.txt/KEY.json samples: what goes in
+    # each KEY.json, as json key -> column (a column the shard lacks is written as null).
+    sample_json: ClassVar[dict[str, str]] = {"uid": "uid", "url": "url", "caption": "caption"}
 
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
@@ -85,6 +88,10 @@ class Stage(ABC):
     @abstractmethod
     def __call__(self, shard: pa.Table) -> pa.Table:
         """Return ``shard`` with this stage's columns (and ``reason`` if it drops rows) added."""
+
+    def tar_stats(self, output: pa.Table, started_at: float, ended_at: float) -> dict[str, Any] | None:
+        """A per-shard ``NNNNN_stats.json`` to write beside the image tar (None: none)."""
+        return None
 
 
 class PoolStage(Stage):

@@ -18,13 +18,14 @@ Per-image failures are values (``None``), never exceptions: the stage turns them
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
+
+from pairsift.common.images import open_image
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +89,7 @@ class PixelSpec:
 def pil_preprocess(data: bytes, preprocess: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor | None:
     """Decode with Pillow and apply the model's preprocess; None when the bytes are not an image."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             return preprocess(image)
     except Exception:  # noqa: BLE001 - any decoder failure is a per-image decode_error
         return None
@@ -99,7 +100,7 @@ def pil_rgb(data: bytes) -> Any:
     import numpy as np
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy shares it
     except Exception:  # noqa: BLE001 - any decoder failure is a per-image decode_error
         return None

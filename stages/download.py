@@ -2,9 +2,10 @@
 
 Fetching is ``stages.fetch`` (address policy, deadline, byte cap, opt-outs); resizing and encoding
 is img2dataset's ``Resizer``, so resize modes and output bytes match what img2dataset users know.
-Between the two sits a cheap inspection with PIL's lazy ``Image.open``, which reads only the
-header: markup or unknown bytes served as an image are ``not_an_image``, and a declared size above
-``max_pixels`` is ``image_too_large`` before a single pixel is decoded (a 50,000² PNG bomb is a few
+Between the two sits a cheap inspection with PIL's lazy ``open_image`` (``pairsift.common.images``:
+only the formats pairsift supports, so an EPS body never reaches Ghostscript), which reads only the
+header: markup, unknown bytes or a format outside that list are ``not_an_image``, and a declared size
+above ``max_pixels`` is ``image_too_large`` before a single pixel is decoded (a 50,000² PNG bomb is a few
 MB on the wire and 2.5 GB in memory). Images with an EXIF rotation, or in formats OpenCV cannot
 read, are made upright/readable with PIL first (img2dataset ignores EXIF orientation).
 
@@ -26,6 +27,7 @@ import os
 import queue
 import threading
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -34,7 +36,8 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pairsift.stages.base import IMAGE, Resources, Stage, StageConfig, with_reason
+from pairsift.common.images import decodable_formats, open_image
+from pairsift.stages.base import IMAGE, REASON, Resources, Stage, StageConfig, with_reason
 from pairsift.stages.fetch import (
     DEFAULT_USER_AGENT,
     FAILED,
@@ -59,9 +62,23 @@ from pairsift.stages.politeness import (
 DECODE_ERROR = "decode_error"
 NOT_AN_IMAGE = "not_an_image"
 IMAGE_TOO_LARGE = "image_too_large"
+DECODE_REASONS = frozenset({DECODE_ERROR, NOT_AN_IMAGE, IMAGE_TOO_LARGE})
+# img2dataset's status vocabulary (its downloader.py); FAILED (fetch.py) is "failed_to_download".
+SUCCESS = "success"
+FAILED_TO_RESIZE = "failed_to_resize"
+MAX_STATUS_KINDS = 1000  # img2dataset caps its status_dict too (CappedCounter)
 EXIF_ORIENTATION = 0x0112
-# Formats OpenCV's imdecode reads correctly; anything else PIL identifies goes through PIL first.
-CV2_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM"})
+# Formats Pillow (or another tool) would parse but pairsift refuses: named in the row's error.
+FOREIGN_MAGIC = (
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS (DOS binary)"),
+    (b"%PDF", "PDF"),
+    (b"8BPS", "Photoshop PSD"),
+    (b"icns", "Apple ICNS"),
+)
+# Formats OpenCV's imdecode reads correctly; the others open_image accepts (AVIF, HEIF) go through
+# PIL first. OpenCV itself is never handed a format open_image refused (it reads no EPS anyway).
+CV2_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 ORIENTED_FORMATS = frozenset({"JPEG", "MPO", "WEBP", "TIFF"})  # where EXIF sits in the header
 
 
@@ -159,7 +176,15 @@ class RowResult:
 
     @property
     def status(self) -> str:
-        return "success" if self.reason is None else "failed"
+        return img2dataset_status(self.reason)
+
+
+def img2dataset_status(reason: str | None) -> str:
+    """img2dataset's three statuses for one of our reasons: the bytes never arrived (every fetch,
+    address, opt-out and politeness reason), or they arrived and did not decode to an image."""
+    if reason is None:
+        return SUCCESS
+    return FAILED_TO_RESIZE if reason in DECODE_REASONS else FAILED
 
 
 class Rejected(Exception):
@@ -186,6 +211,13 @@ class Download(Stage):
     # An actor: the DNS cache, per-domain limits, breakers and robots.txt outlive one shard.
     stateful: ClassVar[bool] = True
     needs_images: ClassVar[bool] = False
+    # img2dataset's 11 keys, in its order, then our uid. KEY (the member name) is the uid, so ``key``
+    # is too; pairsift extracts no EXIF, so ``exif`` is null (see README, img2dataset compatibility).
+    sample_json: ClassVar[dict[str, str]] = {
+        "url": "url", "caption": "caption", "key": "uid", "status": "status", "error_message": "error",
+        "width": "width", "height": "height", "original_width": "original_width",
+        "original_height": "original_height", "exif": "exif", "sha256": "sha256", "uid": "uid",
+    }
     cfg: DownloadConfig
 
     def __init__(self, cfg: DownloadConfig, resolver: Resolver | None = None):
@@ -226,6 +258,24 @@ class Download(Stage):
             values = [r.status if name == "status" else getattr(r, name) for r in rows]
             shard = _put_column(shard, name, pa.array(values, kind))
         return with_reason(shard, [r.reason for r in rows])
+
+    def tar_stats(self, output: pa.Table, started_at: float, ended_at: float) -> dict[str, Any]:
+        """img2dataset's ``NNNNN_stats.json`` (its logger.py ``write_stats``), plus our finer
+        ``reasons``. DataComp's resharder reads ``successes`` as the shard's sample count."""
+        statuses = Counter(output.column("status").to_pylist())
+        errors = Counter(_first_line(e) for e in output.column("error").to_pylist() if e)
+        return {
+            "count": output.num_rows,
+            "successes": statuses[SUCCESS],
+            "failed_to_download": statuses[FAILED],
+            "failed_to_resize": statuses[FAILED_TO_RESIZE],
+            "duration": ended_at - started_at,
+            "start_time": started_at,
+            "end_time": ended_at,
+            # like img2dataset's: "success" and each error message, counted
+            "status_dict": dict((Counter({SUCCESS: statuses[SUCCESS]}) + errors).most_common(MAX_STATUS_KINDS)),
+            "reasons": dict(Counter(r for r in output.column(REASON).to_pylist() if r is not None)),
+        }
 
     def download_all(self, urls: list[Any]) -> list[RowResult]:
         """One RowResult per url, in order. ``thread_count`` threads fetch what the per-domain
@@ -331,11 +381,12 @@ def inspect_image(data: bytes, max_pixels: int) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we say it ourselves, below
         try:
-            image = Image.open(io.BytesIO(data))  # lazy: reads the header, decodes nothing
+            image = open_image(data)  # lazy: reads the header, decodes nothing
         except Image.DecompressionBombError as exc:
             raise Rejected(IMAGE_TOO_LARGE, str(exc)) from None
         except UnidentifiedImageError:
-            raise Rejected(NOT_AN_IMAGE, f"not an image: {describe_bytes(data)}") from None
+            raise Rejected(NOT_AN_IMAGE, f"not an image pairsift decodes ({', '.join(decodable_formats())}): "
+                                         f"{describe_bytes(data)}") from None
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for broken headers
             canvas = webp_canvas(data)  # libwebp refuses a canvas its frame does not fill: say why
             if canvas and canvas[0] * canvas[1] > max_pixels:
@@ -391,6 +442,9 @@ def describe_bytes(data: bytes) -> str:
     """A short, log-safe description of what a non-image body looks like."""
     if not data:
         return "empty body"
+    for magic, kind in FOREIGN_MAGIC:
+        if data.startswith(magic):
+            return f"{kind} document"
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith(b"<"):
         kind = (
@@ -402,6 +456,10 @@ def describe_bytes(data: bytes) -> str:
         )
         return f"{kind} document"
     return f"unknown format, starts with {data[:12]!r}"
+
+
+def _first_line(error: str) -> str:
+    return error.splitlines()[0][:200] if error.strip() else error
 
 
 def _put_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

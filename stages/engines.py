@@ -20,7 +20,6 @@ with ``finish_reason="error"``: per-row failures are values, never exceptions.
 from __future__ import annotations
 
 import base64
-import io
 import os
 import threading
 import time
@@ -324,10 +323,12 @@ IMAGE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError, E
 def decode_image(data: bytes | None) -> tuple[Any, str | None]:
     from PIL import Image
 
+    from pairsift.common.images import open_image
+
     if data is None:
         return None, "no_image"
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             return image.convert("RGB"), None
     except (
         *IMAGE_ERRORS,

@@ -1,8 +1,9 @@
 """Fetch one URL safely: the only code in pairsift that opens a connection to the web.
 
 A URL list is untrusted input and so is every server on it. Before any connection the host is
-resolved (an injectable resolver, so tests never touch real DNS) and each address is checked: only
-globally routable unicast addresses are dialled (loopback only with ``allow_loopback``), numeric
+resolved (an injectable resolver, so tests never touch real DNS) and each address is checked
+(``stages.addresses``: IANA's special-purpose registries as an explicit table): only globally
+routable unicast addresses are dialled (loopback only with ``allow_loopback``), numeric
 host spellings (``2130706433``, ``0177.0.0.1``, ``0x7f.1``, ``[::ffff:10.0.0.1]``) are normalised
 first, and the socket connects to the exact address that was checked, so a DNS answer that changes
 between check and use (rebinding) cannot move it. Redirects are followed by hand and every hop is
@@ -31,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from pairsift.stages.addresses import IPAddress, address_refusal, numeric_host
+
 Resolver = Callable[[str], list[str]]  # host name -> IP address strings; raises OSError on failure
 
 # Reasons (the catalog's vocabulary for why a row was dropped).
@@ -49,10 +51,6 @@ OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noml", "none"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_USER_AGENT = "Mozilla/5.0 (compatible; pairsift/0.1; +https://github.com/pairsift/pairsift)"
 _READ_CHUNK = 1 << 16
-# Special-purpose IPv6 prefixes that embed an IPv4 address a gateway would forward to.
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
 @dataclass(frozen=True)
@@ -170,83 +168,6 @@ class CachingResolver:
             self._entries.move_to_end(host)
             while len(self._entries) > self._max_entries:
                 self._entries.popitem(last=False)
-
-
-def parse_ipv4_number(host: str) -> ipaddress.IPv4Address | None:
-    """Parse the inet_aton spellings browsers and libc accept: ``2130706433``, ``0177.0.0.1``,
-    ``0x7f.1``, ``127.1``. Returns None when the host is a name; raises ValueError when it looks
-    numeric (its last label is a number, as the WHATWG URL standard defines) but is not valid."""
-    labels = host.split(".")
-    if labels and labels[-1] == "" and len(labels) > 1:
-        labels = labels[:-1]  # one trailing dot is the DNS root, "10.0.0.1." means 10.0.0.1
-    if not labels or not _NUMERIC_LABEL.match(labels[-1].lower()):
-        return None
-    if len(labels) > 4:
-        raise ValueError(f"invalid IPv4 address {host!r}")
-    numbers = [_parse_ipv4_label(label) for label in labels]
-    *head, last = numbers
-    if any(n > 255 for n in head) or last >= 256 ** (5 - len(numbers)):
-        raise ValueError(f"invalid IPv4 address {host!r}")
-    value = last
-    for i, n in enumerate(head):
-        value += n << (8 * (3 - i))
-    return ipaddress.IPv4Address(value)
-
-
-def _parse_ipv4_label(label: str) -> int:
-    label = label.lower()
-    if label.startswith("0x"):
-        return int(label[2:] or "0", 16)
-    if len(label) > 1 and label.startswith("0"):
-        return int(label, 8)  # ValueError for "08": not a number in any spelling
-    if not label.isdigit():
-        raise ValueError(f"invalid IPv4 label {label!r}")
-    return int(label)
-
-
-def numeric_host(host: str) -> IPAddress | None:
-    """The address a numeric host means (IPv6 with optional zone, or any IPv4 spelling), else None."""
-    if ":" in host:
-        return ipaddress.IPv6Address(host)  # ValueError if malformed; zones ("%eth0") are kept
-    return parse_ipv4_number(host)
-
-
-def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries for a translator or tunnel to reach."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    if ip in _NAT64 or ip in _NAT64_LOCAL:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-def address_refusal(ip: IPAddress, allow_loopback: bool = False) -> str | None:
-    """Why ``ip`` must not be dialled, or None when it is a global unicast address (or loopback
-    that is allowed). ``is_global`` already excludes private, link-local, reserved, unspecified,
-    documentation and shared (100.64/10) ranges; multicast has to be checked on its own."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = embedded_ipv4(ip)
-        if inner is not None:
-            # Loopback is allowed only where the socket really stays on this host (::ffff:127.x);
-            # a tunnel or NAT64 prefix around 127.0.0.1 leaves the machine.
-            why = address_refusal(inner, allow_loopback and ip.ipv4_mapped is not None)
-            if why:
-                return f"{why} (embedded in {ip})"
-            if ip.ipv4_mapped is not None or ip in _NAT64 or ip in _NAT64_LOCAL:
-                return None  # ::ffff:a.b.c.d and NAT64 reach exactly that IPv4 address, which passed
-            # 6to4, Teredo: the tunnel prefix itself must be acceptable too.
-    if ip.is_loopback:
-        return None if allow_loopback else "loopback"
-    for kind in ("unspecified", "link_local", "multicast", "reserved", "private"):
-        if getattr(ip, f"is_{kind}"):
-            return kind.replace("_", "-")
-    if not ip.is_global:
-        return "not globally routable"
-    return None
 
 
 def parse_url(url: object) -> tuple[str, str, int, str, IPAddress | None]:

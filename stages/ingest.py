@@ -33,12 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from pairsift.common.images import EXTENSIONS
 from pairsift.common.storage import AnyPath, as_path, is_remote, open_parquet
 from pairsift.stages.base import IMAGE, Contract
 from pairsift.stages.politeness import spread_by_domain, url_hosts
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "webdataset")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _READ_ROWS = 65_536
 # Rows a domain spread holds in memory at once: the spill buffer, then one bucket of shards
 # (more for pools past SPREAD_MEMORY_ROWS x _MAX_SPILL_BUCKETS rows, to keep the bucket files few).
@@ -154,7 +154,7 @@ def _read_webdataset(path: AnyPath) -> Iterator[pa.Table]:
                 handle = tar.extractfile(member)
                 data = handle.read() if handle else b""
                 row = rows.setdefault(key, {"key": key})
-                if ext.lower() in IMAGE_EXTENSIONS:
+                if ext.lower() in EXTENSIONS:
                     row[IMAGE] = data
                 elif ext == "txt":
                     row["caption"] = data.decode("utf-8", "replace")

@@ -34,9 +34,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from pairsift.common.images import EXTENSIONS, open_image
 from pairsift.trainer.config import CaptionConfig, ConfigError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = tuple(EXTENSIONS)  # the member names an image may have in a shard
 Cursor = tuple[int, int, int]  # (epoch, window index, position in the window's permutation)
 
 
@@ -384,7 +385,7 @@ class Reader:
 
     def _image(self, data: bytes, seed: int, epoch: int, uid: str) -> Any:
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image(data) as im:
                 im.load()
                 img = im.convert("RGB")
         except Exception:  # any decoder failure is a bad sample, never a crash

@@ -11,7 +11,6 @@ text's hits are all images carrying it.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pairsift.common.images import open_image
 from pairsift.trainer.config import ConfigError
 from pairsift.trainer.data import IMAGE_EXTS, captions_of, expand_shards, iter_tar_samples
 
@@ -113,7 +113,7 @@ def _load_image_folder(root: Path, max_samples: int | None) -> EvalSet:
 
 def _decode(data: bytes) -> Image.Image | None:
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             im.load()
             return im.convert("RGB")
     except Exception:  # a broken image in a test set is skipped, not fatal

@@ -67,6 +67,11 @@ ENDPOINTS: dict[str, str | None] = {
     "/many-headers": "failed_to_download",  # 5,000 header lines
     "/noai": "opt_out",
     "/tdm": "opt_out",
+    # Formats Pillow has a parser for but pairsift does not decode: refused before that parser runs.
+    "/eps-as-jpeg": "not_an_image",  # Pillow would hand it to Ghostscript
+    "/psd-as-jpeg": "not_an_image",
+    "/icns-as-jpeg": "not_an_image",
+    "/pdf-as-jpeg": "not_an_image",
 }
 
 BOMB_SIDE = 50_000
@@ -227,6 +232,12 @@ def sixteen_bit_png(channels: int) -> bytes:
     return data.tobytes()
 
 
+def _psd(width: int, height: int) -> bytes:
+    """A minimal Photoshop file Pillow's PSD plugin opens: header, three empty sections, raw RGB."""
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    return header + struct.pack(">IIIH", 0, 0, 0, 0) + bytes(width * height * 3)
+
+
 def build_images() -> dict[str, bytes]:
     photo = draw_photo(400, 320, seed=0)
     ok_jpg = encode(photo, "JPEG", quality=90)
@@ -246,6 +257,10 @@ def build_images() -> dict[str, bytes]:
         "corrupt.jpg": ok_jpg[:700] + bytes(random.Random(1).randrange(256) for _ in range(4000)),
         "html-as-jpeg": b"<!DOCTYPE html>\n<html><head><title>Not found</title></head>"
         b"<body><h1>Sorry, this page moved</h1></body></html>\n",
+        "eps-as-jpeg": encode(Image.new("RGB", (8, 8), "red"), "EPS"),
+        "psd-as-jpeg": _psd(8, 8),
+        "icns-as-jpeg": encode(Image.new("RGB", (16, 16), "red"), "ICNS"),
+        "pdf-as-jpeg": b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n",
         "svg-as-jpeg": b'<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg"'
         b' width="400" height="320"><rect width="400" height="320" fill="red"/></svg>\n',
     }

@@ -13,10 +13,10 @@ import tracemalloc
 import pyarrow as pa
 import pytest
 from hostile_server import ENDPOINTS, HostileServer
-from PIL import Image
+from PIL import EpsImagePlugin, IcnsImagePlugin, Image, PsdImagePlugin
 from pydantic import ValidationError
 
-from pairsift.stages.download import COLUMNS, Download, DownloadConfig
+from pairsift.stages.download import COLUMNS, Download, DownloadConfig, img2dataset_status
 
 DEADLINE_S = 1.5
 
@@ -61,8 +61,49 @@ def test_every_hostile_endpoint_ends_with_its_reason_within_the_deadline(server)
     statuses = out.column("status").to_pylist()
     images = out.column("image").to_pylist()
     for path, status, image in zip(paths, statuses, images):
-        assert status == ("success" if ENDPOINTS[path] is None else "failed"), path
+        assert status == img2dataset_status(ENDPOINTS[path]), path
         assert (image is not None) == (ENDPOINTS[path] is None), path
+
+
+@pytest.mark.parametrize(
+    "reason, status",
+    [(None, "success"), ("failed_to_download", "failed_to_download"), ("timeout", "failed_to_download"),
+     ("too_large", "failed_to_download"), ("refused_address", "failed_to_download"),
+     ("opt_out", "failed_to_download"), ("dns_error", "failed_to_download"), ("bad_url", "failed_to_download"),
+     ("rate_limited", "failed_to_download"), ("domain_unavailable", "failed_to_download"),
+     ("robots_disallowed", "failed_to_download"), ("not_an_image", "failed_to_resize"),
+     ("decode_error", "failed_to_resize"), ("image_too_large", "failed_to_resize")],
+)
+def test_every_reason_maps_to_one_of_img2datasets_statuses(reason, status):
+    assert img2dataset_status(reason) == status
+
+
+FOREIGN = {"/eps-as-jpeg": ("EPS", "PostScript/EPS"), "/psd-as-jpeg": ("PSD", "Photoshop PSD"),
+           "/icns-as-jpeg": ("ICNS", "Apple ICNS"), "/pdf-as-jpeg": (None, "PDF")}
+
+
+def test_foreign_formats_are_refused_before_any_of_their_parsers_runs(server, monkeypatch):
+    """EPS, PSD, ICNS and PDF bodies served as image/jpeg: Pillow left to itself hands the first
+    three to their plugins (EPS's then runs Ghostscript); the download stage opens none of them."""
+    parsed: list[str] = []
+    for plugin in (EpsImagePlugin.EpsImageFile, PsdImagePlugin.PsdImageFile, IcnsImagePlugin.IcnsImageFile):
+        def recording_open(self, _open=plugin._open, _name=plugin.format):
+            parsed.append(_name)
+            return _open(self)
+        monkeypatch.setattr(plugin, "_open", recording_open)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: parsed.append("gs"))
+    for path, (pil_format, _) in FOREIGN.items():  # the bodies are what those plugins would parse
+        if pil_format is not None:
+            with Image.open(io.BytesIO(server.images[path.lstrip("/")])) as image:
+                assert image.format == pil_format
+    assert sorted(parsed) == ["EPS", "ICNS", "PSD"]
+    parsed.clear()
+
+    rows = run(make_stage(), [server.url(p) for p in FOREIGN]).to_pylist()
+    assert parsed == []
+    for (path, (_, described)), row in zip(FOREIGN.items(), rows):
+        assert (row["reason"], row["status"], row["image"]) == ("not_an_image", "failed_to_resize", None), path
+        assert f"{described} document" in row["error"], row["error"]
 
 
 def test_output_schema_and_row_order(server):
@@ -234,10 +275,12 @@ def test_encoding_bombs_and_huge_headers_end_in_their_reason_with_bounded_memory
         tracemalloc.stop()
     assert [r["reason"] for r in rows] == [ENDPOINTS[p] for p in paths * 2]
     for path, row in zip(paths * 2, rows):
-        assert row["status"] == "failed" and row["image"] is None and row["width"] is None
+        status = "failed_to_resize" if "bomb" in path else "failed_to_download"
+        assert row["status"] == status and row["image"] is None and row["width"] is None
         if "bomb" in path:
-            assert row["error"].startswith("not an image: unknown format, starts with b'" + (
-                "\\x1f\\x8b" if "gzip" in path else "x\\xda"))
+            assert row["error"].startswith("not an image pairsift decodes (JPEG, PNG, WEBP, GIF, BMP, TIFF")
+            assert "unknown format, starts with b'" + (
+                "\\x1f\\x8b" if "gzip" in path else "x\\xda") in row["error"]
         else:
             assert row["error"].startswith("response headers too large: got more than")
     assert elapsed < DEADLINE_S

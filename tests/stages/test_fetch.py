@@ -21,6 +21,7 @@ from urllib.parse import quote
 import pytest
 from hostile_server import ENCODING_BOMB_SIZE, HostileServer, encoding_bomb
 
+from pairsift.stages.addresses import SPECIAL_PURPOSE, address_refusal, parse_ipv4_number
 from pairsift.stages.fetch import (
     BAD_URL,
     DNS_ERROR,
@@ -31,10 +32,8 @@ from pairsift.stages.fetch import (
     TOO_LARGE,
     CachingResolver,
     FetchPolicy,
-    address_refusal,
     fetch,
     is_opted_out,
-    parse_ipv4_number,
     resolve_target,
 )
 
@@ -224,6 +223,60 @@ def test_allow_loopback_opens_loopback_only(address, refused_without_flag, refus
     ip = ipaddress.ip_address(address)
     assert (address_refusal(ip, allow_loopback=False) is not None) == refused_without_flag
     assert (address_refusal(ip, allow_loopback=True) is not None) == refused_with_flag
+
+
+@pytest.mark.parametrize(
+    "host, why",
+    [
+        ("192.0.0.1", "IETF protocol assignments"),  # Python 3.11.7's is_global says True (CVE-2024-4032)
+        ("192.0.0.9", "IETF protocol assignments"),  # an anycast service, not an image host
+        ("192.0.0.170", "IETF protocol assignments"),  # NAT64/DNS64 discovery
+        ("0.1.2.3", "this network"),
+        ("192.0.2.10", "TEST-NET-1"),
+        ("198.51.100.7", "TEST-NET-2"),
+        ("203.0.113.7", "TEST-NET-3"),
+        ("198.19.255.1", "benchmarking"),
+        ("192.88.99.1", "6to4 relay"),
+        ("192.31.196.1", "AS112"),
+        ("192.52.193.1", "AMT"),
+        ("255.255.255.255", "limited broadcast"),
+        ("[64:ff9b:1::a00:1]", "local-use IPv4/IPv6 translation"),  # /96 layout around 10.0.0.1
+        ("[64:ff9b:1:5db8:d800:22::]", "local-use IPv4/IPv6 translation"),  # /48 layout around 93.184.216.34
+        ("[64:ff9b:1:ffff::1]", "local-use IPv4/IPv6 translation"),
+        ("[fec0::1]", "site-local"),
+        ("[feff:ffff::1]", "site-local"),
+        ("[100::1]", "discard-only"),
+        ("[100:0:0:1::1]", "dummy IPv6 prefix"),
+        ("[2001:2::1]", "IETF protocol assignments"),  # benchmarking, inside 2001::/23
+        ("[2001:db8::1]", "documentation"),
+        ("[3fff::1]", "documentation"),
+        ("[5f00::1]", "SRv6"),
+        ("[::8.8.8.8]", "outside the global unicast block"),  # deprecated IPv4-compatible form
+        ("[::ffff:0:808:808]", "outside the global unicast block"),  # IPv4-translated (SIIT)
+        ("[4000::1]", "outside the global unicast block"),
+        ("[::ffff:192.0.0.1]", "IETF protocol assignments"),  # judged as the IPv4 address it maps
+        ("[64:ff9b::c000:1]", "IETF protocol assignments"),  # well-known NAT64 to 192.0.0.1
+    ],
+)
+def test_special_purpose_registries_are_refused_without_connecting(host, why, dialled):
+    result = fetch(f"http://{host}/a.jpg", FetchPolicy(deadline_s=2.0), resolver=fake_resolver)
+    assert result.reason == REFUSED, result.error
+    assert why in result.error
+    assert dialled == []
+
+
+def test_every_registry_range_is_refused_at_its_first_and_last_address():
+    for network, _, _ in SPECIAL_PURPOSE:
+        for ip in (network[0], network[-1]):
+            assert address_refusal(ip) is not None, ip
+            assert address_refusal(ip, allow_loopback=True) is not None or ip.is_loopback, ip
+
+
+def test_global_neighbours_of_the_special_ranges_still_pass():
+    # The table must not refuse by accident what sits just outside its ranges.
+    for address in ("192.0.1.1", "198.20.0.1", "100.128.0.1", "2001:200::1", "2001:db9::1", "3fff:1000::1",
+                    "64:ff9b::5db8:d822"):
+        assert address_refusal(ipaddress.ip_address(address)) is None, address
 
 
 # --- redirects to forbidden places, DNS rebinding, TLS ----------------------------------------
