@@ -37,11 +37,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pairsift.common.images import decodable_formats, open_image
-from pairsift.stages.base import IMAGE, REASON, Resources, Stage, StageConfig, with_reason
+from pairsift.stages.base import IMAGE, REASON, Contract, Resources, Stage, StageConfig, with_reason
 from pairsift.stages.fetch import (
+    BAD_URL,
     DEFAULT_USER_AGENT,
+    DNS_ERROR,
     FAILED,
+    OPT_OUT,
+    REFUSED,
     TIMEOUT,
+    TOO_LARGE,
     CachingResolver,
     FetchPolicy,
     FetchResult,
@@ -50,6 +55,9 @@ from pairsift.stages.fetch import (
     system_resolver,
 )
 from pairsift.stages.politeness import (
+    DOMAIN_UNAVAILABLE,
+    RATE_LIMITED,
+    ROBOTS_DISALLOWED,
     ROBOTS_MAX_BYTES,
     BackoffConfig,
     BreakerConfig,
@@ -203,6 +211,19 @@ COLUMNS: dict[str, pa.DataType] = {
     "sha256": pa.string(),
     IMAGE: pa.binary(),
 }
+# What --retry-failed may cure. Failures that say nothing about the image: the network, the
+# resolver or the server was having a bad moment (HTTP 5xx and dropped connections are
+# failed_to_download; 429/503 end rate_limited).
+TRANSIENT = (TIMEOUT, DNS_ERROR, FAILED, DOMAIN_UNAVAILABLE, RATE_LIMITED)
+# Retried only when asked: a server may have served an error page or a cut file, or changed robots.txt.
+ON_REQUEST = (DECODE_ERROR, NOT_AN_IMAGE, ROBOTS_DISALLOWED)
+NEVER = {
+    OPT_OUT: "the site opted out of AI training",
+    REFUSED: "the address policy refused it and would again",
+    BAD_URL: "the url itself is malformed",
+    TOO_LARGE: "the same download.max_bytes would refuse it again (raising it redoes the stage)",
+    IMAGE_TOO_LARGE: "the same download.max_pixels would refuse it again (raising it redoes the stage)",
+}
 
 
 class Download(Stage):
@@ -231,6 +252,13 @@ class Download(Stage):
     @property
     def resources(self) -> Resources:
         return Resources(cpus=1)  # the threads mostly wait on the network; decoding is one core
+
+    def contract(self) -> Contract:
+        # A resolver outage makes every URL look dead: rather than quietly marking most of the pool
+        # as failed, the run stops once dns_error passes half of the rows.
+        return Contract(reads=("url",), optional=("caption",), writes=dict(COLUMNS),
+                        reasons=(*TRANSIENT, *ON_REQUEST, *NEVER), retryable=TRANSIENT,
+                        retryable_on_request=ON_REQUEST, final=dict(NEVER), abort_shares={DNS_ERROR: 0.5})
 
     def setup(self) -> None:
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations calls home on import

@@ -11,18 +11,16 @@ get ``decode_error``, rows without an image ``no_image``.
 from __future__ import annotations
 
 import hashlib
-import io
 from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from pairsift.common.images import open_image
 from pairsift.stages.base import IMAGE, Contract, Stage, StageConfig, with_reason
 
 NO_IMAGE, DECODE_ERROR = "no_image", "decode_error"
-# What Pillow may decode here: never a format that hands the bytes to another program (EPS -> Ghostscript).
-DECODABLE = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageHashesConfig(StageConfig):
@@ -53,10 +51,8 @@ class ImageHashes(Stage):
         return with_reason(shard, reasons)
 
     def hashes(self, data: bytes) -> dict | None:
-        from PIL import Image
-
         try:
-            with Image.open(io.BytesIO(data), formats=DECODABLE) as opened:
+            with open_image(data) as opened:
                 image = opened.convert("RGB")
         except Exception:  # noqa: BLE001 - any undecodable image is a per-row reason
             return None
