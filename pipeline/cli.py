@@ -172,25 +172,30 @@ def _json_value(value):
 def _write_text(text: str, out: Path | None) -> None:
     if out is None:
         sys.stdout.write(text)
-    else:
-        out.write_text(text)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--out {out}: {exc.strerror or exc}") from None
 
 
-def _plain_rows(table: pa.Table) -> list[dict]:
-    """Rows as Python values; a map column comes back as a dict (pyarrow gives a list of pairs)."""
-    maps = [f.name for f in table.schema if pa.types.is_map(f.type)]
-    rows = table.to_pylist()
-    for row in rows:
-        for name in maps:
-            row[name] = None if row[name] is None else dict(row[name])
-    return rows
+def _columns(table: pa.Table) -> list[list]:
+    """Each column's Python values; a map comes back as a dict (pyarrow gives a list of pairs)."""
+    columns = []
+    for field, column in zip(table.schema, table.columns):
+        values = column.to_pylist()
+        if pa.types.is_map(field.type):
+            values = [None if v is None else dict(v) for v in values]
+        columns.append(values)
+    return columns
 
 
 def _flat(value):
-    """A csv/table cell: NULL stays None; objects and lists become JSON text, as DuckDB's CLI writes them."""
+    """A csv/table cell: NULL stays None; objects and lists become JSON text, as DuckDB's CLI writes
+    them; bytes become hex."""
     if isinstance(value, (dict, list)):
         return json.dumps(value, default=_json_value, ensure_ascii=False)
-    return value
+    return value.hex() if isinstance(value, bytes) else value
 
 
 def _emit(table: pa.Table, fmt: OutputFormat, out: Path | None) -> None:
@@ -198,23 +203,27 @@ def _emit(table: pa.Table, fmt: OutputFormat, out: Path | None) -> None:
     if fmt is OutputFormat.parquet:
         if out is None:
             raise UserError("--format parquet writes a file: give --out FILE.parquet")
-        pq.write_table(table, out)
+        try:
+            pq.write_table(table, out)
+        except OSError as exc:
+            raise UserError(f"--out {out}: {str(exc).splitlines()[0]}") from None
         return
-    rows = _plain_rows(table)
+    rows = list(zip(*_columns(table))) if table.num_columns else []
     if fmt is OutputFormat.json:
-        _write_text(json.dumps(rows, default=_json_value, ensure_ascii=False) + "\n", out)
+        records = [dict(zip(table.column_names, row)) for row in rows]
+        _write_text(json.dumps(records, default=_json_value, ensure_ascii=False) + "\n", out)
     elif fmt is OutputFormat.csv:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(table.column_names)
-        writer.writerows([_flat(v) for v in row.values()] for row in rows)
+        writer.writerows([_flat(v) for v in row] for row in rows)
         _write_text(buffer.getvalue(), out)
     else:
         from pairsift.pipeline.report_text import print_table
 
         if out is not None:
             raise UserError("--out needs --format csv, json or parquet (a table is for the terminal)")
-        print_table(table.column_names, [tuple(_flat(v) for v in row.values()) for row in rows])
+        print_table(table.column_names, [tuple(_flat(v) for v in row) for row in rows])
 
 
 def _status_table(run_dir: str) -> pa.Table:

@@ -75,6 +75,14 @@ def test_query_writes_a_file_with_out_and_parquet_keeps_types(run_dir, tmp_path)
     assert pa.types.is_integer(table.schema.field("n").type)
 
 
+def test_csv_and_json_write_any_duckdb_type(run_dir):
+    typed = "DATE '2024-01-02' AS d, '\\x01\\xFF'::BLOB AS b, [1, 2] AS l, {'k': 3} AS s, MAP {'x': 1} AS m"
+    rows = list(csv.reader(io.StringIO(cli("query", str(run_dir), f"SELECT 1 AS a, 2 AS a, {typed}", "--format", "csv"))))
+    assert rows == [["a", "a", "d", "b", "l", "s", "m"], ["1", "2", "2024-01-02", "01ff", "[1, 2]", '{"k": 3}', '{"x": 1}']]
+    assert json.loads(cli("query", str(run_dir), f"SELECT {typed}", "--format", "json")) == [
+        {"d": "2024-01-02", "b": "01ff", "l": [1, 2], "s": {"k": 3}, "m": {"x": 1}}]
+
+
 def test_status_json_csv_and_parquet_give_the_funnel(run_dir, tmp_path):
     stages = {r["stage"]: r for r in json.loads(cli("status", str(run_dir), "--format", "json"))}
     assert stages["ingest"]["rows_in"] == N and stages["ingest"]["kept"] == N
@@ -106,6 +114,8 @@ def test_user_errors_are_one_line_and_exit_2(run_dir, tmp_path):
     parquet = run_cli("query", str(run_dir), "SELECT 1", "--format", "parquet", cwd=tmp_path)
     assert parquet.returncode == 2
     assert parquet.stderr == "error: --format parquet writes a file: give --out FILE.parquet\n"
+    nowhere = run_cli("status", str(run_dir), "--format", "csv", "--out", str(tmp_path / "no" / "s.csv"), cwd=tmp_path)
+    assert nowhere.returncode == 2 and nowhere.stderr.startswith("error: --out ") and nowhere.stderr.count("\n") == 1
     missing = run_cli("validate", "demo", *demo_overrides(tmp_path, tmp_path / "nope.parquet"), cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert missing.stderr.startswith("error: input.path") and "no such file" in missing.stderr
