@@ -24,6 +24,8 @@ from pairsift.pipeline.synth import synthesize
 from pairsift.trainer.config import build_config
 from pairsift.trainer.train import train
 
+pytestmark = pytest.mark.slow  # a real run on Ray, then four trainings
+
 BATCH = 16
 SAMPLES = 64  # passed as --train-num-samples: works whatever size file the shards folder holds
 
