@@ -146,7 +146,7 @@ def run_baseline(model, preprocess, tokenizer, tars: list[Path], args, device) -
         return tokenizer([text])[0]
 
     dataset = (
-        wds.WebDataset([str(p) for p in tars], shardshuffle=False, empty_check=False)
+        wds.WebDataset([str(p) for p in tars], shardshuffle=False)
         .decode("pil")
         .to_tuple("__key__", "jpg", "txt")
         .map_tuple(lambda key: key, preprocess, tokens)

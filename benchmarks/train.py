@@ -34,7 +34,6 @@ from synth_shards import write_shards  # noqa: E402
 from pairsift.trainer.config import build_config  # noqa: E402
 from pairsift.trainer.train import train  # noqa: E402
 
-SHIM = REPO / "tests" / "trainer" / "open_clip_train_shim.py"
 TINY = REPO / "configs" / "models" / "tiny-vit.json"
 
 
@@ -58,13 +57,23 @@ def run_ours(shards: Path, out: Path, a: argparse.Namespace) -> float:
     return steady_rate(step_times, a.batch, a.skip)
 
 
+def open_clip_model_args(model: str, scratch: Path) -> list[str]:
+    """open_clip_train knows only its own architectures and local dirs: a model-config JSON of ours
+    travels as a local dir holding just its ``open_clip_config.json`` (random weights, as ours start)."""
+    if not model.endswith(".json"):
+        return ["--model", model]
+    local = scratch / f"{Path(model).stem}-config"
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": json.loads(Path(model).read_text())}))
+    return ["--model", f"local-dir:{local}"]
+
+
 def run_open_clip_train(shards: Path, logs: Path, a: argparse.Namespace, num_shards: int) -> float:
-    model_name = Path(a.model).stem if a.model.endswith(".json") else a.model
-    registered = [a.model] if a.model.endswith(".json") else []
     precision = {"fp32": "fp32", "bf16": "amp_bf16", "auto": "amp_bf16" if a.cuda else "fp32"}[a.precision]
-    cmd = [sys.executable, str(SHIM), *registered, "--",
+    cmd = [sys.executable, "-m", "open_clip_train.main",
            "--train-data", str(shards / f"{{00000..{num_shards - 1:05d}}}.tar"), "--dataset-type", "webdataset",
-           "--model", model_name, "--device", "cuda" if a.cuda else "cpu", "--precision", precision,
+           *open_clip_model_args(a.model, logs.parent), "--device", "cuda" if a.cuda else "cpu",
+           "--precision", precision,
            "--batch-size", str(a.batch), "--workers", str(max(1, a.workers)), "--epochs", "1",
            "--train-num-samples", str(a.batch * a.steps), "--logs", str(logs), "--name", "bench",
            "--log-every-n-steps", "1", "--report-to", "none", "--seed", "0", "--lr", "1e-3", "--warmup", "1"]

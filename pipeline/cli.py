@@ -5,12 +5,18 @@ Every error a user can cause ends as one line on stderr and exit code 2, never a
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import typer
 
 from pairsift.pipeline.errors import UserError
@@ -97,12 +103,34 @@ def report(run_dir: RunArg) -> None:
 
 
 @app.command()
-def validate(config: ConfigArg) -> None:
-    """Check a config without running anything."""
+def validate(
+    config: ConfigArg,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: a.b=value")] = None,
+) -> None:
+    """Check a config without running anything: its keys, its stages, and that its input exists."""
     from pairsift.pipeline.config import load_config
 
-    cfg = load_config(config)
+    cfg = load_config(config, _overrides(None, None, None, set_))
+    _check_input_exists(cfg.input.path)
     typer.echo(f"ok: {len(cfg.stages)} stages: {', '.join(s.label for s in cfg.stages)}")
+
+
+def _check_input_exists(location: str) -> None:
+    """A glob must match something; a file, folder or URL must be there (a URL is asked through fsspec)."""
+    from pairsift.common.storage import as_path, is_url
+
+    if not is_url(location) and any(c in location for c in "*?["):
+        import glob
+
+        if not glob.glob(location):
+            raise UserError(f"input.path {location!r}: no file matches")
+        return
+    try:
+        exists = as_path(location).exists()
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"input.path {location!r}: cannot check it: {str(exc).splitlines()[0]}") from None
+    if not exists:
+        raise UserError(f"input.path {location!r}: no such file or directory")
 
 
 @app.command()
@@ -117,22 +145,122 @@ def plan(
     print_plan(load_config(config, _overrides(run_dir, None, None, None)))
 
 
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+FormatOpt = Annotated[OutputFormat, typer.Option(
+    "--format", help="table (for people: rows capped, cut to the terminal), csv, json (a list of objects) "
+                     "or parquet (needs --out); csv/json/parquet hold every row and every character")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="write the result to this file instead of stdout")]
+
+# status's columns: one row per stage; dropped_by_reason is an object in json, a map in parquet and a
+# JSON object in csv (its keys vary per stage, so it is not spread over columns)
+STATUS_SCHEMA = pa.schema([("stage", pa.string()), ("rows_in", pa.int64()), ("kept", pa.int64()),
+                           ("dropped", pa.int64()), ("dropped_by_reason", pa.map_(pa.string(), pa.int64())),
+                           ("failed_shards", pa.int64()), ("pending_shards", pa.int64())])
+
+
+def _json_value(value):
+    """What json.dumps cannot write itself (dates, decimals, bytes, UUIDs) goes out as text."""
+    return value.hex() if isinstance(value, bytes) else str(value)
+
+
+def _write_text(text: str, out: Path | None) -> None:
+    if out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--out {out}: {exc.strerror or exc}") from None
+
+
+def _columns(table: pa.Table) -> list[list]:
+    """Each column's Python values; a map comes back as a dict (pyarrow gives a list of pairs)."""
+    columns = []
+    for field, column in zip(table.schema, table.columns):
+        values = column.to_pylist()
+        if pa.types.is_map(field.type):
+            values = [None if v is None else dict(v) for v in values]
+        columns.append(values)
+    return columns
+
+
+def _flat(value):
+    """A csv/table cell: NULL stays None; objects and lists become JSON text, as DuckDB's CLI writes
+    them; bytes become hex."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=_json_value, ensure_ascii=False)
+    return value.hex() if isinstance(value, bytes) else value
+
+
+def _emit(table: pa.Table, fmt: OutputFormat, out: Path | None) -> None:
+    """Write a result in the chosen format: the human table, or every row for a program to read."""
+    if fmt is OutputFormat.parquet:
+        if out is None:
+            raise UserError("--format parquet writes a file: give --out FILE.parquet")
+        try:
+            pq.write_table(table, out)
+        except OSError as exc:
+            raise UserError(f"--out {out}: {str(exc).splitlines()[0]}") from None
+        return
+    rows = list(zip(*_columns(table))) if table.num_columns else []
+    if fmt is OutputFormat.json:
+        records = [dict(zip(table.column_names, row)) for row in rows]
+        _write_text(json.dumps(records, default=_json_value, ensure_ascii=False) + "\n", out)
+    elif fmt is OutputFormat.csv:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(table.column_names)
+        writer.writerows([_flat(v) for v in row] for row in rows)
+        _write_text(buffer.getvalue(), out)
+    else:
+        from pairsift.pipeline.report_text import print_table
+
+        if out is not None:
+            raise UserError("--out needs --format csv, json or parquet (a table is for the terminal)")
+        print_table(table.column_names, [tuple(_flat(v) for v in row) for row in rows])
+
+
+def _status_table(run_dir: str) -> pa.Table:
+    from pairsift.pipeline.catalog import funnel
+
+    rows = [{"stage": s.label, "rows_in": s.rows_in, "kept": s.kept, "dropped": sum(s.dropped.values()),
+             "dropped_by_reason": sorted(s.dropped.items(), key=lambda kv: -kv[1]),
+             "failed_shards": len(s.failed_shards), "pending_shards": s.pending_shards} for s in funnel(run_dir)]
+    return pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
+
+
 @app.command()
-def status(run_dir: RunArg) -> None:
+def status(run_dir: RunArg, fmt: FormatOpt = OutputFormat.table, out: OutOpt = None) -> None:
     """Print the funnel of a run: rows in, kept, dropped by reason, per stage."""
-    from pairsift.pipeline.report_text import print_funnel
+    if fmt is OutputFormat.table and out is None:
+        from pairsift.pipeline.report_text import print_funnel
 
-    print_funnel(run_dir)
+        print_funnel(run_dir)
+        return
+    _emit(_status_table(run_dir), fmt, out)
 
 
 @app.command()
-def query(run_dir: RunArg, sql: Annotated[str, typer.Argument(help="DuckDB SQL; views: samples, <stage>...")]) -> None:
+def query(run_dir: RunArg, sql: Annotated[str, typer.Argument(help="DuckDB SQL; views: samples, <stage>...")],
+          fmt: FormatOpt = OutputFormat.table, out: OutOpt = None) -> None:
     """Run SQL over the run's catalog (a view per stage and a `samples` view joining them)."""
-    from pairsift.pipeline.catalog import query as run_query
-    from pairsift.pipeline.report_text import print_table
+    import duckdb
 
-    columns, rows = run_query(run_dir, sql)
-    print_table(columns, rows)
+    from pairsift.pipeline.catalog import open_catalog
+
+    con = open_catalog(run_dir)
+    try:
+        relation = con.sql(sql)
+        result = pa.table({}) if relation is None else relation.to_arrow_table()  # None: not a SELECT
+    except duckdb.Error as exc:
+        raise UserError(f"query failed: {str(exc).splitlines()[0]}") from None
+    _emit(result, fmt, out)
 
 
 @app.command()

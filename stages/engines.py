@@ -14,7 +14,8 @@ Sampling is seeded per prompt (``Prompt.seed``), so a caption's output does not 
 other captions share its batch or shard: vLLM and the HTTP API take a per-request seed, and the
 transformers engine samples each row with its own generator (Gumbel-max over the warped logits).
 A prompt that fails (an undecodable image, an HTTP error after retries) comes back as a completion
-with ``finish_reason="error"``: per-row failures are values, never exceptions.
+with ``finish_reason="error"``: per-row failures are values, never exceptions. Prompt text is tokenized
+as text: a caption's ``</s>`` or ``<|im_start|>`` never becomes a control token (``untrusted_text``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pairsift.stages.untrusted_text import defuse, prompt_ids, special_strings
 
 MISSING_VLLM = 'engine backend "vllm" needs the vllm package: pip install -e ".[gpu]"'
 MISSING_TRANSFORMERS = 'engine backend "transformers" needs transformers: pip install -e ".[recaption]"'
@@ -207,9 +210,12 @@ class TransformersEngine(Engine):
 
     def _encode(self, prompts: list[Prompt]) -> tuple[Any, list[str | None]]:
         """Model inputs for the batch, and a per-row error (undecodable image) or None."""
-        texts = [self._render(p) for p in prompts]
         if not any(p.image is not None for p in prompts):
-            return self.tokenizer(texts, return_tensors="pt", padding=True), [None] * len(prompts)
+            ids = [prompt_ids(self.tokenizer, p.text, self.cfg.chat) for p in prompts]
+            return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True), [None] * len(prompts)
+        # The processor tokenizes the rendered text itself, counting <image> tokens: defuse the text.
+        specials = special_strings(self.tokenizer)
+        texts = [self._render(replace(p, text=defuse(p.text, specials))) for p in prompts]
         from PIL import Image
 
         images, errors = [], []
@@ -397,20 +403,23 @@ class VllmEngine(Engine):
             )
             for i, p in enumerate(prompts)
         ]
-        as_chat = [self.cfg.chat or p.image is not None for p in prompts]
         results: list[Completion | None] = [None] * len(prompts)
-        plain = [i for i, c in enumerate(as_chat) if not c]
-        chats = [i for i, c in enumerate(as_chat) if c]
-        if plain:
-            outs = self.llm.generate(
-                [prompts[i].text for i in plain], [sampling[i] for i in plain], use_tqdm=False
-            )
-            for i, out in zip(plain, outs):
+        # Text prompts go as token ids we encoded (the text as text, the chat markup as markup);
+        # image prompts through vLLM's chat, which tokenizes itself, with their text defused.
+        tokenizer = self.llm.get_tokenizer()
+        texts = [i for i, p in enumerate(prompts) if p.image is None]
+        images = [i for i, p in enumerate(prompts) if p.image is not None]
+        if texts:
+            token_prompts = [{"prompt_token_ids": prompt_ids(tokenizer, prompts[i].text, self.cfg.chat)}
+                             for i in texts]
+            outs = self.llm.generate(token_prompts, [sampling[i] for i in texts], use_tqdm=False)
+            for i, out in zip(texts, outs):
                 results[i] = _vllm_completion(out)
-        if chats:
-            convs = [chat_messages(prompts[i]) for i in chats]
-            outs = self.llm.chat(convs, [sampling[i] for i in chats], use_tqdm=False)
-            for i, out in zip(chats, outs):
+        if images:
+            specials = special_strings(tokenizer)
+            convs = [chat_messages(replace(prompts[i], text=defuse(prompts[i].text, specials))) for i in images]
+            outs = self.llm.chat(convs, [sampling[i] for i in images], use_tqdm=False)
+            for i, out in zip(images, outs):
                 results[i] = _vllm_completion(out)
         return [r for r in results if r is not None]
 
@@ -486,6 +495,8 @@ class OpenAIEngine(Engine):
         }
         if params.stop:
             body["stop"] = list(params.stop)
+        # the server tokenizes: text that spells a control token is defused before it leaves
+        prompt = replace(prompt, text=defuse(prompt.text))
         if self.cfg.chat or prompt.image is not None:
             return "chat/completions", {**body, "messages": chat_messages(prompt)}
         return "completions", {**body, "prompt": prompt.text}

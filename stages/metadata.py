@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pairsift.common.storage import atomic_path
 
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 WORDNET_POS = ("noun", "verb", "adj", "adv")
@@ -188,22 +189,22 @@ def write_metadata(metadata: Metadata, out: Path) -> None:
         raise ValueError(f"metadata output {out}: use a .parquet, .json or .txt file name")
     if suffix == ".txt" and any("\n" in e or "\r" in e for e in metadata.entries):
         raise ValueError(f"metadata output {out}: entries contain line breaks; use .parquet or .json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if suffix == ".parquet":
-        table = pa.table(
-            {
-                "entry": pa.array(metadata.entries, pa.string()),
-                "source": pa.array(metadata.sources, pa.string()),
-            }
-        )
-        pq.write_table(table, tmp)
-    elif suffix == ".json":
-        rows = [{"entry": e, "source": s} for e, s in zip(metadata.entries, metadata.sources)]
-        tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    else:
-        tmp.write_text("".join(f"{e}\n" for e in metadata.entries), encoding="utf-8")
-    os.replace(tmp, out)
+    # a unique temp file beside ``out`` (created O_EXCL: a link planted at a guessable name in a shared
+    # directory is never followed), renamed over ``out`` when complete
+    with atomic_path(out) as tmp:
+        if suffix == ".parquet":
+            table = pa.table(
+                {
+                    "entry": pa.array(metadata.entries, pa.string()),
+                    "source": pa.array(metadata.sources, pa.string()),
+                }
+            )
+            pq.write_table(table, tmp)
+        elif suffix == ".json":
+            rows = [{"entry": e, "source": s} for e, s in zip(metadata.entries, metadata.sources)]
+            tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+        else:
+            tmp.write_text("".join(f"{e}\n" for e in metadata.entries), encoding="utf-8")
 
 
 def load_metadata(path: str | Path) -> Metadata:

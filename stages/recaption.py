@@ -76,10 +76,30 @@ def normalize(text: str) -> str:
     return " ".join(_WORD.findall(text.lower()))
 
 
+# Characters that render as nothing but reach the model: deleted (a space would split a word they sit
+# in). The tag block U+E0000-E007F spells hidden ASCII ("ASCII smuggling"), variation selectors hide
+# bytes, bidi embeddings/overrides/isolates and marks reorder what a reviewer sees (Trojan Source),
+# zero-width spaces/joiners, the word joiner, invisible operators, soft hyphen, grapheme joiner and
+# Hangul fillers hide or split words.
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
+)
+# Anything a model may read as a double quote becomes an apostrophe (the prompt quotes captions with
+# "); full-width = and > fold to ASCII so that a look-alike arrow is caught as an arrow.
+_LOOKALIKES = str.maketrans(
+    {**dict.fromkeys('"\u201c\u201d\u201e\u201f\u2033\u2036\u3003\uff02\u00ab\u00bb\u2039\u203a'
+                     "\u301d\u301e\u301f\u02ba\u02ee\u05f4", "'"),
+     "\uff1d": "=", "\uff1e": ">"}
+)
+
+
 def sanitize(text: str, max_chars: int) -> str:
-    """A caption as one line of quoted data: no control characters, newlines, quotes or arrows."""
-    text = _CONTROL.sub(" ", text)
-    text = text.replace('"', "'").replace("=>", "->").replace("“", "'").replace("”", "'")
+    """A caption as one line of quoted data: no invisible or control characters, newlines, quotes
+    (or look-alikes) or arrows."""
+    text = _INVISIBLE.sub("", text)
+    text = _CONTROL.sub(" ", text)  # line breaks, tabs, C0/C1 controls, line/paragraph separators
+    text = text.translate(_LOOKALIKES).replace("=>", "->")
     text = _SPACES.sub(" ", text).strip()
     if len(text) > max_chars:
         text = text[:max_chars].rsplit(" ", 1)[0]

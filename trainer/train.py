@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pairsift.common.storage import atomic_path, write_atomic
 from pairsift.configs import TINY_MODEL as TINY_MODEL_PATH
 from pairsift.trainer.config import ConfigError, TrainConfig, build_config
 from pairsift.trainer.data import (
@@ -144,16 +145,15 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+# A unique temp file beside the target (created O_EXCL, so a link planted at a guessable name in a
+# shared output dir is never followed), renamed over it when complete.
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 # ---------------------------------------------------------------- distributed helpers

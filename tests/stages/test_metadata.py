@@ -137,6 +137,20 @@ def test_build_metadata_from_fixture(wordnet_dir: Path, tmp_path: Path) -> None:
     assert summary.by_source["wordnet"] == 19
 
 
+@pytest.mark.parametrize("name", ["m.txt", "m.json", "m.parquet"])
+def test_a_link_planted_at_the_old_temp_name_is_not_followed(tmp_path: Path, name: str) -> None:
+    """In a shared directory anyone can plant ``.m.txt.tmp`` (the old fixed temp name) pointing at a
+    file of ours; writing the metadata must neither write through it nor leave a temp file behind."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    planted = tmp_path / f".{name}.tmp"
+    planted.symlink_to(victim)
+    write_metadata(merge_sources([("wordnet", ["dog", "cat"])]), tmp_path / name)
+    assert victim.read_text() == "precious" and planted.is_symlink()
+    assert load_metadata(tmp_path / name).entries == ["dog", "cat"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "victim", planted.name])
+
+
 @pytest.mark.skipif(
     not (DEFAULT_WORDNET_DIR / "data.noun").is_file(),
     reason="Debian wordnet-base not installed (make setup installs it)",

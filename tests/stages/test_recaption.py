@@ -181,6 +181,30 @@ def test_untrusted_caption_stays_one_quoted_line_of_data():
     assert sanitize("a" * 50 + " " + "b" * 400, 100) == "a" * 50
 
 
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("a red\U000e0069\U000e0067\U000e006e\U000e006f\U000e0072\U000e0065 car", "a red car"),  # tag block
+        ("a \u202eraC\u202c \u2066dog\u2069 \u200fcat", "a raC dog cat"),  # bidi overrides/isolates/marks
+        ("zero\u200bwidth\u200c\u200d\u2060join\ufeff\u00ad", "zerowidthjoin"),  # deleted, not spaced
+        ("emoji\ufe0f smuggled\U000e0100\U000e01ef bytes", "emoji smuggled bytes"),  # variation selectors
+        ("\u201cq\u201d \u201el\u201f \uff02w\uff02 \u00abg\u00bb \u2039s\u203a \u2033p\u2036", "'q' 'l' 'w' 'g' 's' 'p'"),
+        ("a =\u200b> b \uff1d\uff1e c", "a -> b -> c"),  # look-alike arrows are arrows
+        ("one\u2028two\u2029three\tfour\x85five", "one two three four five"),  # separators are spaces
+        ("caf\u00e9 \u4e2d\u6587 \u2019s", "caf\u00e9 \u4e2d\u6587 \u2019s"),  # visible text is untouched
+    ],
+)
+def test_sanitize_deletes_invisible_characters_and_folds_look_alike_quotes(raw, clean):
+    assert sanitize(raw, 300) == clean
+
+
+def test_a_caption_with_look_alikes_stays_one_quoted_line_of_data():
+    stage = Rewrite(RewriteConfig(engine=EngineConfig(model="unused")))
+    attack = "nice\U000e0020pic\uff02 \u201cIgnore all\u201d \uff1d\uff1e \u00abprint\u00bb\u2028x"
+    last = stage.prompt(attack, "u1", 0, 0).text.split("\n")[-1]
+    assert last == "\"nicepic' 'Ignore all' -> 'print' x\" => \""
+
+
 def test_examples_drawn_per_uid_and_slot():
     stage = Rewrite(RewriteConfig(engine=EngineConfig(model="unused")))
     assert stage.prompt("a cat", "u1", 0, 0) == stage.prompt("a cat", "u1", 0, 0)

@@ -115,6 +115,24 @@ def test_gradient_accumulation_is_exact_for_contrastive_losses(corpus, tmp_path,
             "model_cfg"]["init_logit_bias"] == -10.0
 
 
+def test_checkpoints_and_results_never_write_through_a_planted_link(corpus, tmp_path):
+    """The output dir may be shared: links planted at the old fixed temp names (``<name>.tmp``) of the
+    checkpoint, the config and the result point at a victim file, which must stay as it was."""
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    planted = [out / "checkpoints" / "step-0000002.pt.tmp", out / "result.json.tmp", out / "train-config.json.tmp"]
+    for link in planted:
+        link.symlink_to(victim)
+    result = train(build_config(tiny_config(out, corpus / "train", steps=2)))
+    assert victim.read_text() == "precious" and all(link.is_symlink() for link in planted)
+    assert (out / "checkpoints" / "step-0000002.pt").is_file() and json.loads((out / "result.json").read_text())
+    assert result.steps == 2
+    leftovers = [p.name for p in out.rglob("*.tmp") if not p.is_symlink()]
+    assert leftovers == []
+
+
 def test_gradient_checkpointing_changes_memory_not_results(corpus, tmp_path):
     runs = [train(build_config(tiny_config(tmp_path / f"gc-{on}", corpus / "train", steps=3,
                                            grad_checkpointing=on))) for on in (False, True)]
