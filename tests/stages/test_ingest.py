@@ -61,7 +61,7 @@ def test_formats_mapping_uids_and_dup_flags(tmp_path, name):
     assert [s.num_rows for s in shards] == [2, 2, 1]
     table = pa.concat_tables(shards)
     assert table.column("url").to_pylist() == [r["URL"] for r in ROWS]
-    assert "width" in table.column_names  # extra columns are kept
+    assert "source_width" in table.column_names and "width" not in table.column_names  # kept, prefixed
     assert table.column("dup_url").to_pylist() == [False, False, True, True, False]
     assert table.column("dup_url_caption").to_pylist() == [False, False, True, False, False]
     uids = table.column("uid").to_pylist()
