@@ -182,6 +182,8 @@ def iter_input_shards(
     ``spill_dir``, default the system's). Raises ValueError (one line) for a missing file, an
     unknown format, missing columns or a file that cannot be read."""
     files, fmt = input_files(path, fmt)
+    if fmt == "txt":  # a URL list has no caption column
+        caption_col = None
 
     def read() -> Iterator[pa.Table]:
         for file in files:

@@ -14,10 +14,12 @@ sample json that is invalid, too deep or has a url that is not text is ``bad_jso
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import io
 import json
+import lzma
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,8 +70,9 @@ def input_files(location: str | AnyPath, fmt: str = "auto") -> tuple[list[AnyPat
         files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
         if source.is_dir():
             files = [p for p in files if not p.name.startswith(("_", "."))]
-    if fmt != "auto":
-        return files, fmt
+    if fmt != "auto":  # a folder's files of that format (any file, if none is named like one)
+        named = [p for p in files if format_of_name(p.name) == fmt]
+        return named or files, fmt
     formats = {f for f in (format_of_name(p.name) for p in files) if f}
     if len(files) == 1 and not formats:
         raise ValueError(f"{files[0]}: cannot tell the format from the name; set input.format to one of {FORMATS}")
@@ -259,7 +262,7 @@ def _repaired(raw: pa.Array) -> tuple[pa.ChunkedArray, list[bool]]:
 def _read_webdataset(path: AnyPath, limits: TarLimits) -> Iterator[pa.Table]:
     """Samples of a webdataset tar (img2dataset output), streamed member by member: url from the
     json, caption from the txt (or the json), the image; a sample's members are adjacent."""
-    with path.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+    with path.open("rb") as raw, tarfile.open(fileobj=_tar_stream(raw), mode="r:") as tar:
         rows: list[dict] = []
         row: dict | None = None
         for member in tar:
@@ -278,6 +281,52 @@ def _read_webdataset(path: AnyPath, limits: TarLimits) -> Iterator[pa.Table]:
                 rows = rows[-1:]
         if rows:
             yield _samples_table(path, rows)
+
+
+_DECOMPRESSORS = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ": lzma.LZMAFile}
+
+
+def _tar_stream(raw: io.BufferedIOBase) -> io.IOBase:
+    """The tar's bytes: the file itself (a skipped member is one seek), or decompressed through
+    ``_ForwardReader`` (a skipped member is read past in big chunks, never held)."""
+    head = raw.read(6)
+    raw.seek(0)
+    for magic, opener in _DECOMPRESSORS.items():
+        if head.startswith(magic):
+            return _ForwardReader(opener(fileobj=raw))
+    return raw
+
+
+class _ForwardReader(io.RawIOBase):
+    """A decompressed stream tarfile can seek forward in: a gzip bomb's 1.5 GB member is skipped in
+    16 MB reads (tarfile's own stream mode reads 10 KB at a time: minutes per GB)."""
+
+    def __init__(self, inner: io.BufferedIOBase):
+        super().__init__()
+        self.inner = inner
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.inner.read(size)
+        self.position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self.position + offset
+        if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < self.position:
+            raise OSError("a compressed tar is read forwards only")
+        while self.position < target and self.read(min(target - self.position, 16 << 20)):
+            pass
+        return self.position
 
 
 def _add_member(row: dict, ext: str, tar: tarfile.TarFile, member: tarfile.TarInfo, limits: TarLimits) -> None:
