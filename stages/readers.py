@@ -15,6 +15,7 @@ sample json that is invalid, too deep or has a url that is not text is ``bad_jso
 from __future__ import annotations
 
 import bz2
+import codecs
 import glob
 import gzip
 import io
@@ -24,6 +25,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
@@ -36,7 +38,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INGEST_REASON = "ingest_reason"  # null = read cleanly; else what was wrong with the row's input
 # Readers name their per-row reasons so, apart from the input's own columns (which get a prefix later).
 READER_REASON = "__ingest_reason"
-BAD_ENCODING, BAD_JSON, BAD_URL, MEMBER_TOO_LARGE = "bad_encoding", "bad_json", "bad_url", "member_too_large"
+BAD_ENCODING, BAD_ROW, BAD_JSON, BAD_URL = "bad_encoding", "bad_row", "bad_json", "bad_url"
+MEMBER_TOO_LARGE = "member_too_large"
 READ_ROWS = 65_536
 _SUFFIXES = {"parquet": (".parquet",), "csv": (".csv",), "tsv": (".tsv",), "jsonl": (".jsonl", ".json"),
              "txt": (".txt",), "webdataset": (".tar",)}
@@ -121,28 +124,77 @@ def _read_parquet(path: AnyPath, _: TarLimits) -> Iterator[pa.Table]:
 
 
 def _read_csv(path: AnyPath, delimiter: str) -> Iterator[pa.Table]:
-    """Every column as text, bytes as they are: a later block cannot fail a type guessed on the
-    first, and one bad byte cannot turn a column into binary (repaired per value in ``as_text``)."""
-    parse = pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=delimiter == ",")
+    """Every column as text: a later block cannot fail a type guessed on the first. The bytes are
+    decoded on the way in (``_Utf8Repair``), so one bad byte costs one value, not the column.
+    A line with the wrong number of fields becomes a row of nulls with reason ``bad_row``."""
+    skipped = _SkippedLines()
+    parse = pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=delimiter == ",",
+                              invalid_row_handler=skipped)
     read = pcsv.ReadOptions(block_size=1 << 22)
     with _open_maybe_gzip(path) as handle:
-        names = pcsv.open_csv(handle, parse_options=parse, read_options=read).schema.names
-    convert = pcsv.ConvertOptions(strings_can_be_null=False, check_utf8=False,
-                                  column_types={n: pa.binary() for n in names})
+        names = pcsv.open_csv(_Utf8Repair(handle), parse_options=parse, read_options=read).schema.names
+    skipped.count = 0
+    convert = pcsv.ConvertOptions(strings_can_be_null=False, column_types={n: pa.string() for n in names})
     with _open_maybe_gzip(path) as handle:
-        for batch in pcsv.open_csv(handle, parse_options=parse, convert_options=convert, read_options=read):
-            yield _decoded_table(pa.Table.from_batches([batch]))
+        for batch in pcsv.open_csv(_Utf8Repair(handle), parse_options=parse, convert_options=convert,
+                                   read_options=read):
+            yield _with_reasons(pa.Table.from_batches([batch]), skipped.take())
+    if skipped.count:
+        empty = pa.Table.from_arrays([pa.array([], pa.string())] * len(names), names=names)
+        yield _with_reasons(empty, skipped.take())
 
 
-def _decoded_table(table: pa.Table) -> pa.Table:
-    """Every column decoded to text; rows where any value needed repair get ``bad_encoding``."""
-    columns, bad = [], [False] * table.num_rows
+class _Utf8Repair(io.RawIOBase):
+    """A byte stream re-encoded as valid UTF-8: invalid bytes become U+FFFD (pyarrow would make the
+    whole column binary, and its invalid-row handler fails on such a line)."""
+
+    def __init__(self, inner: io.BufferedIOBase):
+        super().__init__()
+        self.inner = inner
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        while not self.pending:
+            chunk = self.inner.read(1 << 20)
+            self.pending = self.decoder.decode(chunk, final=not chunk).encode("utf-8")
+            if not chunk:
+                break
+        size = min(len(buffer), len(self.pending))
+        buffer[:size] = self.pending[:size]
+        self.pending = self.pending[size:]
+        return size
+
+
+class _SkippedLines:
+    """pyarrow's invalid_row_handler: skip a malformed line, but count it (it is reported as a row)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, _row: object) -> str:
+        self.count += 1
+        return "skip"
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+def _with_reasons(table: pa.Table, bad_rows: int = 0) -> pa.Table:
+    """Rows with a repaired byte (U+FFFD in any value) get ``bad_encoding``; ``bad_rows`` rows of
+    nulls (for malformed lines) are added with ``bad_row``."""
+    repaired = np.zeros(table.num_rows, bool)
     for column in table.columns:
-        text, repaired = as_text(column)
-        columns.append(text)
-        bad = [a or b for a, b in zip(bad, repaired)]
-    reasons = pa.array([BAD_ENCODING if b else None for b in bad], pa.string())
-    return pa.Table.from_arrays([*columns, reasons], names=[*table.column_names, READER_REASON])
+        repaired |= pc.fill_null(pc.match_substring(column, "\ufffd"), False).to_numpy(zero_copy_only=False)
+    reasons = [BAD_ENCODING if r else None for r in repaired.tolist()] + [BAD_ROW] * bad_rows
+    columns = [pa.concat_arrays([*c.chunks, pa.nulls(bad_rows, pa.string())]) if bad_rows else c
+               for c in table.columns]
+    return pa.Table.from_arrays([*columns, pa.array(reasons, pa.string())],
+                                names=[*table.column_names, READER_REASON])
 
 
 def _read_comma(path: AnyPath, _: TarLimits) -> Iterator[pa.Table]:
@@ -164,22 +216,22 @@ def _read_jsonl(path: AnyPath, _: TarLimits) -> Iterator[pa.Table]:
     """JSON lines read one by one: one odd line (a number for a url, bad UTF-8) must not sink the file.
 
     Values are normalised per row (text stays text, numbers become text, the rest null); a line
-    that is not JSON at all is a one-line error with its line number."""
+    that is not a JSON object is a row of nulls with reason ``bad_json``."""
     rows: list[dict] = []
     with _open_maybe_gzip(path) as handle:
-        for number, raw in enumerate(handle, start=1):
+        for raw in handle:
             line = raw.decode("utf-8", "replace").strip()
             if not line:
                 continue
             try:
                 record = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                raise ValueError(f"{path}:{number}: not a JSON object: {str(exc)[:200]}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line")
-            row = {str(k): _scalar_text(v) for k, v in record.items()}
-            if not _is_utf8(raw):
-                row[READER_REASON] = BAD_ENCODING
+            except (ValueError, RecursionError):  # deep nesting recurses past Python's limit
+                record = None
+            if isinstance(record, dict):
+                row = {str(k): _scalar_text(v) for k, v in record.items()}
+                row[READER_REASON] = None if _is_utf8(raw) else BAD_ENCODING
+            else:
+                row = {READER_REASON: BAD_JSON}
             rows.append(row)
             if len(rows) == READ_ROWS:
                 yield _rows_to_table(rows)

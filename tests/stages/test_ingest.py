@@ -102,9 +102,10 @@ def test_hostile_values_become_rows_not_crashes(tmp_path):
     assert table.column("url").to_pylist()[:4] == ["12345", "http://a/\x00", None, None]
     assert len(table.column("caption").to_pylist()[0]) == 1_000_000
     assert table.column("url").to_pylist()[4] == "http://a/\ufffd\ufffd"
-    (tmp_path / "broken.jsonl").write_text('{"url": "a"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"broken.jsonl:2: not a JSON object"):
-        list(iter_input_shards(tmp_path / "broken.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"url": "a", "caption": "b"}\n{not json\n[1]\n')
+    broken = pa.concat_tables(iter_input_shards(tmp_path / "broken.jsonl"))
+    assert broken.column("url").to_pylist() == ["a", None, None]
+    assert broken.column("ingest_reason").to_pylist() == [None, "bad_json", "bad_json"]
 
 
 def test_webdataset_input_keeps_images(tmp_path):
