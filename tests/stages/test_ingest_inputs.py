@@ -226,3 +226,20 @@ def test_a_sparse_tar_declaring_gigabytes_is_refused_in_bounded_memory(tmp_path)
     outcome, rss_mb = peak_rss_run(path)
     assert outcome == "rows 1 ['member_too_large']"
     assert rss_mb < 500
+
+
+def test_a_run_whose_input_is_all_damaged_says_so_in_one_line(tmp_path, caplog):
+    from pairsift.pipeline.config import parse_config
+    from pairsift.pipeline.run_dir import RunDir
+    from pairsift.pipeline.runner import ingest
+
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"url,caption\n" + b"".join(b"http://a/%d,caf\xe9 %d\n" % (i, i) for i in range(50)))
+    cfg = parse_config({"run_dir": str(tmp_path / "run"), "input": {"path": str(path)}})
+    with caplog.at_level("WARNING"):
+        assert ingest(cfg, RunDir(tmp_path / "run"), "h") == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"ingest: {path}: 50 of 50 rows have ingest_reason bad_encoding "
+                        "(every row: check the input's encoding or format)"]
+    manifest = json.loads((RunDir(tmp_path / "run").stage_dir("ingest") / "_manifest.json").read_text())
+    assert manifest["ingest_reasons"] == {"bad_encoding": 50}
