@@ -111,8 +111,8 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
                 rows += table.num_rows
                 n_shards = index + 1
                 bar.update(table.num_rows)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    except ValueError as exc:  # one line, whatever the input put into the message
+        raise UserError(" ".join(str(exc).split())) from None
     if rows == 0:
         raise UserError(f"input {source.path} has no rows: nothing to curate")
     if usable == 0:  # every row would be dropped: say so now, not after a run that writes nothing

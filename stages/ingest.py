@@ -62,9 +62,9 @@ def _normalise(table: pa.Table, url_col: str, caption_col: str | None, source: A
         if wanted is not None and wanted not in names:
             hint = "; for a URL-only list set input.caption_col: null" if key == "caption_col" else ""
             raise ValueError(f"{source}: column {wanted!r} not found (set input.{key}{hint}); "
-                             f"columns are: {', '.join(names)}")
+                             f"columns are: {_listed(names)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"{source}: duplicate column names: {', '.join(names)}")
+        raise ValueError(f"{source}: duplicate column names: {_listed(names)}")
     url, bad_url = as_text(table.column(url_col))
     if caption_col is None:
         caption, bad_caption = pa.chunked_array([pa.nulls(table.num_rows, pa.string())]), bad_url
@@ -77,6 +77,12 @@ def _normalise(table: pa.Table, url_col: str, caption_col: str | None, source: A
     reasons = [e or (BAD_ENCODING if u or c else None) for e, u, c in zip(earlier, bad_url, bad_caption)]
     columns[INGEST_REASON] = pa.array(reasons, pa.string())
     return pa.table(columns)
+
+
+def _listed(names: list[str], most: int = 20) -> str:
+    """Column names for a one-line message: odd ones (newlines, control bytes) quoted, long lists cut."""
+    shown = [n if n.isprintable() and n.strip() == n and n else repr(n) for n in names[:most]]
+    return ", ".join(shown) + (f", ... ({len(names)} columns)" if len(names) > most else "")
 
 
 class DigestCounts:

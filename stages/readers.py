@@ -22,6 +22,7 @@ import io
 import json
 import lzma
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ READER_REASON = "__ingest_reason"
 BAD_ENCODING, BAD_ROW, BAD_JSON, BAD_URL = "bad_encoding", "bad_row", "bad_json", "bad_url"
 MEMBER_TOO_LARGE = "member_too_large"
 READ_ROWS = 65_536
+MAX_JSON_FIELDS = 64
 _SUFFIXES = {"parquet": (".parquet",), "csv": (".csv",), "tsv": (".tsv",), "jsonl": (".jsonl", ".json"),
              "txt": (".txt",), "webdataset": (".tar",)}
 _GLOB_CHARS = "*?["
@@ -107,7 +109,8 @@ def read_batches(path: AnyPath, fmt: str, limits: TarLimits) -> Iterator[pa.Tabl
         yield from _READERS[fmt](path, limits)
     except KeyError:
         raise ValueError(f"unsupported format {fmt}") from None
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, EOFError, tarfile.TarError, ValueError) as exc:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, EOFError, tarfile.TarError, ValueError, zlib.error,
+            lzma.LZMAError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if first_line.startswith(str(path)):
             raise ValueError(first_line) from None
@@ -335,7 +338,8 @@ def _read_webdataset(path: AnyPath, limits: TarLimits) -> Iterator[pa.Table]:
             yield _samples_table(path, rows)
 
 
-_DECOMPRESSORS = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ": lzma.LZMAFile}
+_DECOMPRESSORS = {b"\x1f\x8b": lambda raw: gzip.GzipFile(fileobj=raw), b"BZh": bz2.BZ2File,
+                  b"\xfd7zXZ": lzma.LZMAFile}
 
 
 def _tar_stream(raw: io.BufferedIOBase) -> io.IOBase:
@@ -345,7 +349,7 @@ def _tar_stream(raw: io.BufferedIOBase) -> io.IOBase:
     raw.seek(0)
     for magic, opener in _DECOMPRESSORS.items():
         if head.startswith(magic):
-            return _ForwardReader(opener(fileobj=raw))
+            return _ForwardReader(opener(raw))
     return raw
 
 
@@ -420,14 +424,22 @@ def _add_json(row: dict, text: str) -> None:
         row[INGEST_REASON] = BAD_URL
     if row["caption"] is None and isinstance(meta.get("caption"), str):
         row["caption"] = meta["caption"]
+    # The json's other fields are the sample's input columns (img2dataset's "key" repeats the tar key).
+    row["fields"] = {f"source_{k}": _scalar_text(v) for k, v in meta.items() if k not in ("url", "caption", "key")}
 
 
 def _samples_table(path: AnyPath, rows: list[dict]) -> pa.Table:
+    """The samples, with the json's fields as text columns (the first MAX_JSON_FIELDS names seen:
+    json with a new key per sample must not become a table of thousands of columns)."""
     for row in rows:  # a sample without a url is named after where it came from
         row["url"] = row["url"] or f"{path.name}/{row['source_key']}"
     schema = pa.schema([("url", pa.string()), ("caption", pa.string()), (IMAGE, pa.binary()),
                         ("source_key", pa.string()), (INGEST_REASON, pa.string())])
-    return pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    names = list(dict.fromkeys(n for row in rows for n in row.get("fields", {})))[:MAX_JSON_FIELDS]
+    for name in names:
+        table = table.append_column(name, pa.array([row.get("fields", {}).get(name) for row in rows], pa.string()))
+    return table
 
 
 _READERS = {"parquet": _read_parquet, "csv": _read_comma, "tsv": _read_tab, "jsonl": _read_jsonl,

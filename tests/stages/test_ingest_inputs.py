@@ -161,6 +161,19 @@ def test_hostile_json_and_oversized_members_are_per_row_reasons(tmp_path):
     assert all(image is not None for image in table.column(IMAGE).to_pylist())
 
 
+def test_img2dataset_json_fields_are_kept_as_source_columns(tmp_path):
+    meta = {"url": "http://a/0.jpg", "caption": "c", "key": "000000000", "status": "success", "width": 8,
+            "original_width": 640, "sha256": "ab" * 32, "exif": {"nested": 1}, "reason": "x"}
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        add(tar, "000000000.jpg", b"\xff\xd8\xff")
+        add(tar, "000000000.json", json.dumps(meta).encode())
+    row = read_all(tmp_path).to_pylist()[0]
+    assert (row["url"], row["caption"], row["source_key"]) == ("http://a/0.jpg", "c", "000000000")
+    assert (row["source_status"], row["source_width"], row["source_original_width"]) == ("success", "8", "640")
+    assert row["source_sha256"] == "ab" * 32 and row["source_exif"] is None and row["source_reason"] == "x"
+    assert "width" not in row and "reason" not in row
+
+
 def test_the_per_tar_cap_is_a_one_line_error(tmp_path):
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
         for key in range(20):
