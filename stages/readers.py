@@ -37,7 +37,7 @@ from pairsift.stages.base import IMAGE
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt", "webdataset")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INGEST_REASON = "ingest_reason"  # null = read cleanly; else what was wrong with the row's input
-# Readers name their per-row reasons so, apart from the input's own columns (which get a prefix later).
+# The readers' own per-row reasons, under a name no input column gets (those are prefixed later).
 READER_REASON = "__ingest_reason"
 BAD_ENCODING, BAD_ROW, BAD_JSON, BAD_URL = "bad_encoding", "bad_row", "bad_json", "bad_url"
 MEMBER_TOO_LARGE = "member_too_large"
@@ -105,10 +105,10 @@ def _open_maybe_gzip(path: AnyPath) -> io.BufferedIOBase:
 
 def read_batches(path: AnyPath, fmt: str, limits: TarLimits) -> Iterator[pa.Table]:
     """Stream one file as tables of up to READ_ROWS rows (whole files are never loaded at once)."""
+    if fmt not in _READERS:
+        raise ValueError(f"unsupported format {fmt}; input.format is one of {FORMATS}")
     try:
         yield from _READERS[fmt](path, limits)
-    except KeyError:
-        raise ValueError(f"unsupported format {fmt}") from None
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError, EOFError, tarfile.TarError, ValueError, zlib.error,
             lzma.LZMAError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
