@@ -27,14 +27,17 @@ class Strict(BaseModel):
 class InputConfig(Strict):
     """Where the URL list is and how to read it."""
 
-    path: str
-    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "webdataset"] = "auto"
+    path: str = Field(description="a file, a folder of files of one format, or a glob (data/*.parquet)")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "webdataset"] = "auto"
     url_col: str = "url"
-    caption_col: str = "caption"
+    caption_col: str | None = Field("caption", description="None = a URL-only list: captions are null")
     shard_size: int = Field(10_000, gt=0, description="rows per input shard: the unit of work")
     spread_domains: bool = Field(
         False, description="deal each domain's rows over all the shards, so no download worker gets a big "
                            "domain's whole run (ingest reads the input twice and spills it once to disk)")
+    # A webdataset input is attacker-sized: a sparse or gzip'd tar declares GBs in a few KB.
+    max_member_bytes: int = Field(64 << 20, gt=0, description="largest tar member read; larger: member_too_large")
+    max_tar_bytes: int = Field(16 << 30, gt=0, description="most bytes one tar may unpack to; past it ingest stops")
 
 
 class RayConfig(Strict):

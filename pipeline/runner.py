@@ -32,6 +32,7 @@ from pairsift.pipeline.shards import ShardWriter, plan_output_shards, remove_sta
 from pairsift.stages import stage_class, stage_path
 from pairsift.stages.base import IMAGE, PoolStage, Stage
 from pairsift.stages.ingest import iter_input_shards
+from pairsift.stages.readers import INGEST_REASON, TarLimits
 
 log = logging.getLogger("pairsift")
 
@@ -89,15 +90,18 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
     except (OSError, ValueError, KeyError):
         pass
     started, rows, usable, n_shards = time.perf_counter(), 0, 0, 0
+    problems: Counter[str] = Counter()
     source = cfg.input
     try:
         shards = iter_input_shards(source.path, source.format, source.url_col, source.caption_col,
                                    source.shard_size, spread_domains=source.spread_domains,
-                                   spill_dir=None if is_remote(run.root) else run.root)
+                                   spill_dir=None if is_remote(run.root) else run.root,
+                                   limits=TarLimits(source.max_member_bytes, source.max_tar_bytes))
         with tqdm(desc="ingest", unit=" rows", leave=False) as bar:
             for index, table in enumerate(shards):
                 path = run.part("ingest", index)
                 usable += _usable_rows(table)
+                problems.update(r for r in table.column(INGEST_REASON).to_pylist() if r)
                 if IMAGE in table.column_names:
                     write_image_tar(run.images("ingest", index), table, Stage.sample_json)
                     table = table.drop_columns([IMAGE])
@@ -107,8 +111,8 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
                 rows += table.num_rows
                 n_shards = index + 1
                 bar.update(table.num_rows)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    except ValueError as exc:  # one line, whatever the input put into the message
+        raise UserError(" ".join(str(exc).split())) from None
     if rows == 0:
         raise UserError(f"input {source.path} has no rows: nothing to curate")
     if usable == 0:  # every row would be dropped: say so now, not after a run that writes nothing
@@ -118,9 +122,18 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
         if int(stale.name[5:10]) >= n_shards:
             remove(stale)
             remove(run.done_of(stale))
-    write_atomic(manifest_path, json.dumps({"config_hash": ingest_hash, "n_shards": n_shards, "rows": rows}))
+    _say_input_problems(problems, rows, source.path)
+    write_atomic(manifest_path, json.dumps({"config_hash": ingest_hash, "n_shards": n_shards, "rows": rows,
+                                            "ingest_reasons": dict(problems)}))
     log.info("ingest: %d rows in %d shards (%.0f rows/s)", rows, n_shards, rows / (time.perf_counter() - started))
     return n_shards
+
+
+def _say_input_problems(problems: Counter[str], rows: int, path: str) -> None:
+    """One line per kind of damaged input row (they stay in the run; ``ingest_reason`` says which)."""
+    for reason, count in problems.most_common():
+        everything = " (every row: check the input's encoding or format)" if count == rows else ""
+        log.warning("ingest: %s: %d of %d rows have ingest_reason %s%s", path, count, rows, reason, everything)
 
 
 def _usable_rows(table: pa.Table) -> int:

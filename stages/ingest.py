@@ -18,12 +18,8 @@ run; uids and duplicate flags are still assigned in input order, exactly as with
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import json
 import os
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,19 +27,25 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 
-from pairsift.common.images import EXTENSIONS
-from pairsift.common.storage import AnyPath, as_path, is_remote, open_parquet
-from pairsift.stages.base import IMAGE, Contract
+from pairsift.common.storage import AnyPath
+from pairsift.stages.base import Contract
 from pairsift.stages.politeness import spread_by_domain, url_hosts
+from pairsift.stages.readers import (
+    BAD_ENCODING,
+    INGEST_REASON,
+    READER_REASON,
+    TarLimits,
+    as_text,
+    input_files,
+    read_batches,
+)
 
-FORMATS = ("parquet", "csv", "tsv", "jsonl", "webdataset")
-_READ_ROWS = 65_536
 # Rows a domain spread holds in memory at once: the spill buffer, then one bucket of shards
 # (more for pools past SPREAD_MEMORY_ROWS x _MAX_SPILL_BUCKETS rows, to keep the bucket files few).
 SPREAD_MEMORY_ROWS = 500_000
 _MAX_SPILL_BUCKETS = 256
+SOURCE_PREFIX = "source_"  # every input column but url and caption is kept under this prefix
 
 
 def uid_of(url: str | None, caption: str | None, repeat: int = 0) -> str:
@@ -53,154 +55,35 @@ def uid_of(url: str | None, caption: str | None, repeat: int = 0) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def detect_format(path: AnyPath) -> str:
-    if path.is_dir():
-        if any(path.glob("*.tar")):
-            return "webdataset"
-        raise ValueError(f"{path}: a directory input must hold webdataset .tar files")
-    name = path.name.lower().removesuffix(".gz")
-    for fmt, suffixes in {
-        "parquet": (".parquet",),
-        "csv": (".csv",),
-        "tsv": (".tsv",),
-        "jsonl": (".jsonl", ".json"),
-        "webdataset": (".tar",),
-    }.items():
-        if name.endswith(suffixes):
-            return fmt
-    raise ValueError(f"{path}: cannot tell the format from the name; set input.format to one of {FORMATS}")
-
-
-def _open_maybe_gzip(path: AnyPath) -> io.BufferedIOBase:
-    gzipped = path.name.endswith(".gz")
-    if is_remote(path):
-        return path.fs.open(path.path, "rb", compression="gzip" if gzipped else None)
-    return gzip.open(path, "rb") if gzipped else open(path, "rb")
-
-
-def _read_batches(path: AnyPath, fmt: str) -> Iterator[pa.Table]:
-    """Stream the list as tables of up to _READ_ROWS rows (whole files are never loaded at once)."""
-    if fmt == "parquet":
-        # One row group at a time: over the whole file, iter_batches pre-buffers every row group's
-        # bytes up front (peak memory grew with the file: +338 MB reading a 213 MB file, +82 MB so).
-        with open_parquet(path) as reader:
-            for group in range(reader.num_row_groups):
-                for batch in reader.iter_batches(batch_size=_READ_ROWS, row_groups=[group]):
-                    yield pa.Table.from_batches([batch])
-    elif fmt in ("csv", "tsv"):
-        parse = pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=fmt == "csv")
-        convert = pcsv.ConvertOptions(strings_can_be_null=False)
-        with _open_maybe_gzip(path) as handle:
-            reader = pcsv.open_csv(handle, parse_options=parse, convert_options=convert,
-                                   read_options=pcsv.ReadOptions(block_size=1 << 22))
-            for batch in reader:
-                yield pa.Table.from_batches([batch])
-    elif fmt == "jsonl":
-        yield from _read_jsonl(path)
-    else:
-        raise ValueError(f"unsupported format {fmt}")
-
-
-def _scalar_text(value: object) -> object:
-    """Keep strings; numbers become text; anything else (lists, objects) becomes null."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return value if isinstance(value, str) or value is None else None
-
-
-def _read_jsonl(path: AnyPath) -> Iterator[pa.Table]:
-    """JSON lines read one by one: one odd line (a number for a url, bad UTF-8) must not sink the file.
-
-    Values are normalised per row (text stays text, numbers become text, the rest null); a line
-    that is not JSON at all is a one-line error with its line number."""
-    rows: list[dict] = []
-    with _open_maybe_gzip(path) as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON object: {exc}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line")
-            rows.append({str(k): _scalar_text(v) for k, v in record.items()})
-            if len(rows) == _READ_ROWS:
-                yield _rows_to_table(rows)
-                rows = []
-    if rows:
-        yield _rows_to_table(rows)
-
-
-def _rows_to_table(rows: list[dict]) -> pa.Table:
-    names = list(dict.fromkeys(k for row in rows for k in row))
-    return pa.table({n: pa.array([row.get(n) for row in rows], pa.string()) for n in names})
-
-
-def _tar_paths(path: AnyPath) -> list[AnyPath]:
-    return sorted(path.glob("*.tar")) if path.is_dir() else [path]
-
-
-def _read_webdataset(path: AnyPath) -> Iterator[pa.Table]:
-    """Samples of existing webdataset tars (img2dataset output): url from the json, caption from txt."""
-    for tar_path in _tar_paths(path):
-        rows: dict[str, dict] = {}
-        with tar_path.open("rb") as handle, tarfile.open(fileobj=handle) as tar:
-            for member in tar:
-                if not member.isfile() or "." not in member.name:
-                    continue
-                key, ext = member.name.rsplit(".", 1)
-                handle = tar.extractfile(member)
-                data = handle.read() if handle else b""
-                row = rows.setdefault(key, {"key": key})
-                if ext.lower() in EXTENSIONS:
-                    row[IMAGE] = data
-                elif ext == "txt":
-                    row["caption"] = data.decode("utf-8", "replace")
-                elif ext == "json":
-                    try:
-                        meta = json.loads(data)
-                    except ValueError:
-                        meta = {}
-                    if isinstance(meta, dict):
-                        row["url"] = meta.get("url")
-                        row.setdefault("caption", meta.get("caption"))
-        for row in rows.values():
-            row["url"] = row.get("url") or f"{tar_path.name}/{row['key']}"
-        if rows:
-            yield pa.Table.from_pylist(
-                [{"url": r["url"], "caption": r.get("caption"), IMAGE: r.get(IMAGE), "source_key": r["key"]}
-                 for r in rows.values()],
-                schema=pa.schema([("url", pa.string()), ("caption", pa.string()), (IMAGE, pa.binary()),
-                                  ("source_key", pa.string())]),
-            )
-
-
-def _as_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """Url and caption as strings; values that are not text (numbers, lists) become null."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return column.cast(pa.string())
-    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-        return pc.cast(column, pa.string())
-    return pa.chunked_array([pa.nulls(len(column), pa.string())])
-
-
-def _normalise(table: pa.Table, url_col: str, caption_col: str, source: AnyPath) -> pa.Table:
-    names = table.column_names
+def _normalise(table: pa.Table, url_col: str, caption_col: str | None, source: AnyPath) -> pa.Table:
+    """``url``, ``caption`` (null for a URL-only list), every other input column as ``source_<name>``
+    (so none can collide with a column pairsift writes), and ``ingest_reason``."""
+    names = [n for n in table.column_names if n != READER_REASON]
     for wanted, key in ((url_col, "url_col"), (caption_col, "caption_col")):
-        if wanted not in names:
-            raise ValueError(
-                f"{source}: column {wanted!r} not found (set input.{key}); columns are: {', '.join(names)}"
-            )
+        if wanted is not None and wanted not in names:
+            hint = "; for a URL-only list set input.caption_col: null" if key == "caption_col" else ""
+            raise ValueError(f"{source}: column {wanted!r} not found (set input.{key}{hint}); "
+                             f"columns are: {_listed(names)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"{source}: duplicate column names: {', '.join(names)}")
-    url = _as_strings(table.column(url_col))
-    caption = _as_strings(table.column(caption_col))
-    extras = [n for n in names if n not in (url_col, caption_col) and n not in ("uid", "url", "caption")]
+        raise ValueError(f"{source}: duplicate column names: {_listed(names)}")
+    url, bad_url = as_text(table.column(url_col))
+    if caption_col is None:
+        caption, bad_caption = pa.chunked_array([pa.nulls(table.num_rows, pa.string())]), bad_url
+    else:
+        caption, bad_caption = as_text(table.column(caption_col))
     columns = {"url": url, "caption": caption}
-    columns.update({n: table.column(n) for n in extras})
+    columns.update({SOURCE_PREFIX + n: table.column(n) for n in names if n not in (url_col, caption_col)})
+    earlier = table.column(READER_REASON).to_pylist() if READER_REASON in table.column_names \
+        else [None] * table.num_rows
+    reasons = [e or (BAD_ENCODING if u or c else None) for e, u, c in zip(earlier, bad_url, bad_caption)]
+    columns[INGEST_REASON] = pa.array(reasons, pa.string())
     return pa.table(columns)
+
+
+def _listed(names: list[str], most: int = 20) -> str:
+    """Column names for a one-line message: odd ones (newlines, control bytes) quoted, long lists cut."""
+    shown = [n if n.isprintable() and n.strip() == n and n else repr(n) for n in names[:most]]
+    return ", ".join(shown) + (f", ... ({len(names)} columns)" if len(names) > most else "")
 
 
 class DigestCounts:
@@ -294,23 +177,25 @@ class UidAssigner:
 
 
 def iter_input_shards(
-    path: str | AnyPath, fmt: str = "auto", url_col: str = "url", caption_col: str = "caption",
+    path: str | AnyPath, fmt: str = "auto", url_col: str = "url", caption_col: str | None = "caption",
     shard_size: int = 10_000, spread_domains: bool = False, spill_dir: str | Path | None = None,
+    limits: TarLimits = TarLimits(),
 ) -> Iterator[pa.Table]:
     """Yield the input as consecutive shards of ``shard_size`` rows, each with uid and dup flags.
 
-    With ``spread_domains`` each domain's rows are dealt over all the shards (see ``_spread_shards``;
-    it spills the pool once to a temporary folder under ``spill_dir``, default the system's).
-    Raises ValueError (one line) for a missing file, an unknown format or missing columns."""
-    source = as_path(path)
-    if not source.exists():
-        raise ValueError(f"input {source} does not exist")
-    fmt = detect_format(source) if fmt == "auto" else fmt
+    ``path`` is a file, a folder or a glob (see ``readers.input_files``); ``caption_col`` None
+    reads a URL-only list. With ``spread_domains`` each domain's rows are dealt over all the
+    shards (see ``_spread_shards``; it spills the pool once to a temporary folder under
+    ``spill_dir``, default the system's). Raises ValueError (one line) for a missing file, an
+    unknown format, missing columns or a file that cannot be read."""
+    files, fmt = input_files(path, fmt)
+    if fmt == "txt":  # a URL list has no caption column
+        caption_col = None
 
     def read() -> Iterator[pa.Table]:
-        if fmt == "webdataset":
-            return _read_webdataset(source)
-        return (_normalise(t, url_col, caption_col, source) for t in _read_batches_checked(source, fmt))
+        for file in files:
+            for table in read_batches(file, fmt, limits):
+                yield table if fmt == "webdataset" else _normalise(table, url_col, caption_col, file)
 
     if spread_domains:
         yield from _spread_shards(read, shard_size, spill_dir)
@@ -322,12 +207,20 @@ def iter_input_shards(
         pending.append(assign(batch))
         pending_rows += batch.num_rows
         while pending_rows >= shard_size:
-            merged = pa.concat_tables(pending, promote_options="permissive").combine_chunks()
+            merged = _concat(pending)
             yield merged.slice(0, shard_size)
             rest = merged.slice(shard_size)
             pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
     if pending_rows:
-        yield pa.concat_tables(pending, promote_options="permissive").combine_chunks()
+        yield _concat(pending)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """Files of one input may differ in their extra columns or types: a clash is one line."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ValueError(f"the input's files do not share a schema: {str(exc).splitlines()[0]}") from None
 
 
 # --- spreading domains over the shards ---------------------------------------------------------
@@ -474,18 +367,11 @@ class _Spill:
         return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _read_batches_checked(source: AnyPath, fmt: str) -> Iterator[pa.Table]:
-    try:
-        yield from _read_batches(source, fmt)
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, EOFError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{source}: cannot read as {fmt}: {first_line}") from None
-
-
 # What ingest writes, in the same terms as a stage's contract: the engine checks later stages' reads
-# against it. Input columns beyond url and caption are kept too, but no stage may rely on them.
+# against it. Input columns beyond url and caption are kept too (as ``source_<name>``), but no stage
+# may rely on them.
 INGEST_CONTRACT = Contract(
     writes={"uid": pa.string(), "url": pa.string(), "caption": pa.string(), "dup_url": pa.bool_(),
-            "dup_url_caption": pa.bool_()},
+            "dup_url_caption": pa.bool_(), "ingest_reason": pa.string()},
     bulky=("dup_url", "dup_url_caption"),
 )

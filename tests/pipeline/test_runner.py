@@ -79,8 +79,8 @@ def test_local_run_funnel_matches_rules(tmp_path):
     # the catalog joins every stage by uid and says where each row left
     _, by_stage = query(tmp_path / "run", "SELECT dropped_at, count(*) FROM samples GROUP BY 1 ORDER BY 1 NULLS FIRST")
     assert dict(by_stage) == {None: kept, "caption_length": short, "top_fraction": 500 - short - kept}
-    _, extra = query(tmp_path / "run", "SELECT sum(extra) FROM samples")
-    assert extra[0][0] == sum(range(500))  # extra input columns are kept
+    _, extra = query(tmp_path / "run", "SELECT sum(source_extra) FROM samples")
+    assert extra[0][0] == sum(range(500))  # extra input columns are kept, as source_<name>
 
 
 def test_ray_executor_gives_the_same_result_as_local(tmp_path, ray_local):

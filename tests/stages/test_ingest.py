@@ -61,7 +61,7 @@ def test_formats_mapping_uids_and_dup_flags(tmp_path, name):
     assert [s.num_rows for s in shards] == [2, 2, 1]
     table = pa.concat_tables(shards)
     assert table.column("url").to_pylist() == [r["URL"] for r in ROWS]
-    assert "width" in table.column_names  # extra columns are kept
+    assert "source_width" in table.column_names and "width" not in table.column_names  # kept, prefixed
     assert table.column("dup_url").to_pylist() == [False, False, True, True, False]
     assert table.column("dup_url_caption").to_pylist() == [False, False, True, False, False]
     uids = table.column("uid").to_pylist()
@@ -102,9 +102,10 @@ def test_hostile_values_become_rows_not_crashes(tmp_path):
     assert table.column("url").to_pylist()[:4] == ["12345", "http://a/\x00", None, None]
     assert len(table.column("caption").to_pylist()[0]) == 1_000_000
     assert table.column("url").to_pylist()[4] == "http://a/\ufffd\ufffd"
-    (tmp_path / "broken.jsonl").write_text('{"url": "a"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"broken.jsonl:2: not a JSON object"):
-        list(iter_input_shards(tmp_path / "broken.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"url": "a", "caption": "b"}\n{not json\n[1]\n')
+    broken = pa.concat_tables(iter_input_shards(tmp_path / "broken.jsonl"))
+    assert broken.column("url").to_pylist() == ["a", None, None]
+    assert broken.column("ingest_reason").to_pylist() == [None, "bad_json", "bad_json"]
 
 
 def test_webdataset_input_keeps_images(tmp_path):
