@@ -139,6 +139,9 @@ def ablation_run(cfg, run_dir: Path, drop_label: str, out: Path):
     for label in shared:
         if (run_dir / label).exists() and not (out / label).exists():
             shutil.copytree(run_dir / label, out / label, copy_function=os.link)
+    if not (out / "run.json").exists():  # what makes it a run directory the runner will write into
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "run.json", out / "run.json")
     run_pipeline(variant)
     return out / "shards"
 

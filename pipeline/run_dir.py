@@ -45,7 +45,7 @@ _PART = re.compile(r"part-(\d{5})\.parquet")
 _WORK = re.compile(r"(?:part-|partial-)?(\d{5})")
 _TAR = re.compile(r"\d{5}\.tar")
 _NUMBERED = re.compile(r"\d{5}\.(tar|parquet|done\.json|failed\.json)")
-_SPILL = re.compile(r"\.spread-\w+\.tmp")  # ingest's domain-spreading spill folder (stages/ingest.py)
+_SPILL = re.compile(r"\.spread-[\w-]+\.tmp")  # ingest's domain-spreading spill folder (stages/ingest.py)
 
 
 class ShardDone(BaseModel):
@@ -161,12 +161,17 @@ class RunDir:
             raise UserError(f"run directory {self.root} is not writable: {str(exc).splitlines()[0]}") from None
 
     def check_is_run(self) -> None:
-        """A run writes (and sweeps temporaries) only in a pairsift run or a new, empty directory."""
+        """A run writes (and sweeps temporaries) only in a pairsift run or a new, empty directory
+        (or one holding only pairsift's own temporaries: a first run killed early)."""
         if is_remote(self.root) or not self.root.is_dir() or self.run_json.exists():
             return
-        if any(self.root.iterdir()):
+        if any(p.name != ".write-probe" and not self._is_temp(p) for p in self.root.iterdir()):
             raise UserError(f"run directory {self.root} is not empty and is not a pairsift run (no run.json); "
                             "pick a new directory")
+
+    @staticmethod
+    def _is_temp(path: AnyPath) -> bool:
+        return (path.is_dir() and _SPILL.fullmatch(path.name) is not None) or (path.is_file() and is_temp_name(path.name))
 
     def remove_temp_files(self) -> None:
         """Temporary files of pairsift writers that were killed mid-write. Only call this when no worker
@@ -174,17 +179,17 @@ class RunDir:
         if is_remote(self.root):
             return  # temporaries of object-store writes live on the writer's local disk
         self.check_is_run()
-        for path in list(self.root.rglob(".*.tmp")):
-            if path.is_dir() and _SPILL.fullmatch(path.name):
+        for path in self.temp_files():
+            if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
-            elif path.is_file() and is_temp_name(path.name):
+            else:
                 path.unlink(missing_ok=True)
 
     def temp_files(self) -> list[AnyPath]:
-        """Temporaries left behind (what ``remove_temp_files`` would remove)."""
-        if is_remote(self.root):
+        """Temporaries pairsift's writers left behind (what ``remove_temp_files`` removes)."""
+        if is_remote(self.root) or not self.root.is_dir():
             return []
-        return [p for p in self.root.rglob(".*.tmp") if is_temp_name(p.name) or _SPILL.fullmatch(p.name)]
+        return [p for p in self.root.rglob(".*.tmp") if self._is_temp(p)]
 
     # --- stage labels ------------------------------------------------------------------------
     def labels(self) -> list[str]:
