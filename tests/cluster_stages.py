@@ -314,7 +314,7 @@ def catalog(run_root: Path) -> tuple[list[str], list[tuple]]:
 def _visible(folder: Path, pattern: str) -> dict[str, Path]:
     """Files a reader of the run sees: no markers, no hidden temporaries (``temp_files`` checks those)."""
     return {p.name: p for p in folder.glob(pattern)
-            if not p.name.startswith(".") and not p.name.endswith((".done.json", ".failed.json"))}
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".done.json", ".failed.json"))}
 
 
 def differences(run_root: Path, reference: Path, image_stages: tuple[str, ...] = ()) -> list[str]:
@@ -325,7 +325,7 @@ def differences(run_root: Path, reference: Path, image_stages: tuple[str, ...] =
     found = []
     if catalog(run_root) != catalog(reference):
         found.append("the samples catalog differs")
-    for folder, pattern in [("shards", "*")] + [(label, "*.tar") for label in image_stages]:
+    for folder, pattern in [("shards", "*"), ("shards/_meta", "*")] + [(label, "*.tar") for label in image_stages]:
         ours, theirs = _visible(run_root / folder, pattern), _visible(reference / folder, pattern)
         if sorted(ours) != sorted(theirs):
             found.append(f"{folder}: files differ: {sorted(set(ours) ^ set(theirs))[:5]}")
