@@ -268,7 +268,7 @@ def cli_argv(*args: str) -> list[str]:
 
 def finished_markers(run_root: Path) -> int:
     """Pieces of work finished after ingest (stage parts, partials, output shards)."""
-    return sum(1 for p in run_root.rglob("*.done.json") if p.parent.name != "ingest")
+    return sum(1 for p in run_root.rglob("*.done.json") if p.parent.parent.name != "ingest")
 
 
 def run_until_killed(argv: list[str], run_root: Path, after_markers: int, log: Path,
