@@ -192,3 +192,11 @@ def test_the_sweep_removes_only_pairsifts_own_temporaries(tmp_path, registry):
         path.write_bytes(b"half a file")
     run_pipeline(cfg)
     assert [p.exists() for p in ours + foreign] == [False, False, True, True]
+
+
+def test_open_clip_counts_the_samples_from_len(finished):
+    from open_clip_train.data import get_dataset_size
+
+    sizes = json.loads((finished / "shards/_meta/sizes.json").read_text())
+    every = str(finished / "shards" / f"{{00000..{len(sizes) - 1:05d}}}.tar")
+    assert get_dataset_size(every) == (sum(sizes.values()), len(sizes))
