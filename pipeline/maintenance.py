@@ -51,8 +51,6 @@ from pairsift.common.storage import (
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardsDir, shard_of, write_atomic
 
-TAKEDOWNS = "takedowns.parquet"  # every uid ever taken down: the catalog's and verify's input
-TAKEDOWN_LOG = "takedowns.jsonl"  # the audit log: what was removed, when, from which shard
 TAKEDOWN_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("shard", pa.string()),
                              ("input_shard", pa.int32()), ("requested_at", pa.float64())])
 _UID = re.compile(r"[0-9a-f]{32}")
@@ -333,7 +331,7 @@ class TakedownSummary:
 
 def taken_down_uids(run_root: str | AnyPath) -> set[str]:
     """Every uid a takedown removed from the run (empty when none): rows the catalog marks 'takedown'."""
-    path = as_path(run_root) / TAKEDOWNS
+    path = RunDir(run_root).takedowns
     if not path.exists():
         return set()
     return set(read_parquet(path, columns=["uid"]).column("uid").to_pylist())
@@ -389,7 +387,7 @@ def _remove_stale_temporaries(run: RunDir, labels: list[str]) -> None:
 def _plan(run: RunDir, names: list[str], urls: set[str]) -> tuple[pa.Table, int, set[str]]:
     """Add every uid with a listed url to takedowns.parquet before removing anything; return the
     whole table (earlier takedowns included, so an interrupted one is finished too)."""
-    path = run.root / TAKEDOWNS
+    path = run.takedowns
     known = read_parquet(path).cast(TAKEDOWN_SCHEMA) if path.exists() else TAKEDOWN_SCHEMA.empty_table()
     seen = set(known.column("uid").to_pylist())
     new: dict[str, dict] = {}
@@ -491,7 +489,7 @@ def _logged_uids(path: AnyPath) -> set[str]:
 
 
 def _log(run: RunDir, plan: pa.Table) -> int:
-    path = run.root / TAKEDOWN_LOG
+    path = run.takedown_log
     logged = _logged_uids(path)
     now = time.time()
     lines = [json.dumps({"time": now, "url": row["url"], "uid": row["uid"], "shard": row["shard"]}) + "\n"

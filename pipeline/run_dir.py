@@ -13,6 +13,7 @@
     <run>/shards/NNNNN.tar, __len__         final training shards and their total sample count
     <run>/shards/_meta/NNNNN.parquet, sizes.json   each shard's rows, and samples per shard
     <run>/shards/_markers/NNNNN.done.json   the shard writer's markers
+    <run>/takedowns.parquet, takedowns.jsonl   what ``pairsift takedown`` removed, and its audit log
 
 Everything private sits under a name starting with ``_``: Ray Data's directory expansion skips such
 paths, so ``ray.data.read_parquet(<run>/<stage>)``, DuckDB's ``read_parquet('<run>/<stage>/*.parquet')``
@@ -245,7 +246,13 @@ class RunDir:
 
     @property
     def takedowns(self) -> AnyPath:
+        """Every uid ever taken down: the catalog's and verify's input."""
         return self.root / "takedowns.parquet"
+
+    @property
+    def takedown_log(self) -> AnyPath:
+        """The audit log: what was removed, when, from which shard."""
+        return self.root / "takedowns.jsonl"
 
     # --- markers -----------------------------------------------------------------------------
     @staticmethod
