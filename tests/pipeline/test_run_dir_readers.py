@@ -125,12 +125,16 @@ def test_every_file_gets_the_mode_the_umask_gives(umask, tmp_path, registry):
 
 
 def crafted_run(tmp_path: Path, finished: Path, label: str) -> Path:
-    """A copy of a finished run whose run.json names a stage label meant to break out of SQL."""
+    """A copy of a finished run whose run.json names a stage label meant to break out of SQL, with
+    the stage's folder renamed to match where a file system allows it (so the label would be used)."""
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     meta = json.loads((run / "run.json").read_text())
+    assert meta["config"]["stages"][1]["label"] == "caption_length"
     meta["config"]["stages"][1]["label"] = label
     (run / "run.json").write_text(json.dumps(meta))
+    if "/" not in label:
+        (run / "caption_length").rename(run / label)
     return run
 
 
