@@ -14,6 +14,7 @@ Atomic writes differ by kind of storage, and this is the one place that knows:
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,16 +81,49 @@ def open_parquet(path: AnyPath) -> Iterator[pq.ParquetFile]:
             yield reader
 
 
-@contextmanager
-def atomic_path(path: AnyPath) -> Iterator[Path]:
-    """Yield a local temporary path; publish it as ``path`` only if the block succeeds."""
+# Temporary names carry this mark, so a sweep of a run directory removes only what pairsift left.
+_TEMP_MARK = ".pairsift-"
+_TEMP_NAME = re.compile(r"\..+\.pairsift-\w+\.tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it,
+    which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_temp_file(path: AnyPath) -> Path:
+    """An empty local temporary file for ``path``: beside it on local disk (so a rename publishes it),
+    in the system temp dir for an object store. Its mode is what the umask gives a new file (mkstemp
+    makes 0600, and a rename keeps it: other users of a shared run could not read a part)."""
+    directory = None  # the system temp dir: object stores have no rename, only whole uploads
     if not is_remote(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         directory = path.parent
-    else:
-        directory = None  # the system temp dir: object stores have no rename, only whole uploads
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TEMP_MARK}", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
+@contextmanager
+def atomic_path(path: AnyPath) -> Iterator[Path]:
+    """Yield a local temporary path; publish it as ``path`` only if the block succeeds."""
+    tmp = new_temp_file(path)
     try:
         yield Path(tmp)
         publish(Path(tmp), path)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pairsift.common.storage import AnyPath, as_path
 from pairsift.configs import CONFIGS_DIR
 from pairsift.pipeline.errors import UserError
+from pairsift.pipeline.run_dir import check_label
 from pairsift.stages import UnknownStage, stage_class
 from pairsift.stages.base import StageConfig
 
@@ -108,6 +109,10 @@ class RunConfig(Strict):
         hashes["shards"] = config_hash({"shards": self.shards.model_dump(), "after": previous})
         return hashes
 
+    def labels(self) -> list[str]:
+        """Every stage's folder in the run directory, in pipeline order."""
+        return ["ingest"] + [s.label for s in self.stages]
+
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(exclude={"stages"})
         data["stages"] = [{"stage": s.stage, "label": s.label, **s.config.model_dump()} for s in self.stages]
@@ -174,6 +179,10 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
             cls = stage_class(str(name))
         except UnknownStage as exc:
             raise UserError(f"{source}: {where}: {exc.args[0]}") from None
+        try:
+            check_label(label)
+        except UserError as exc:
+            raise UserError(f"{source}: {where}: {exc}") from None
         if label in seen or label in ("ingest", "shards", "report", "takedown", "takedowns"):
             raise UserError(f"{source}: {where}: stage label {label!r} is used twice; give one a 'label:'")
         seen.add(label)

@@ -72,14 +72,20 @@ def _train(data: Path, out: Path, steps: int, batch_size: int, seed: int, thread
 
 def _write_pool_sizes(run_dir: Path) -> Path:
     """Everything that downloaded is already a webdataset (the download stage's tars): add sizes.json."""
-    from pairsift.pipeline.run_dir import RunDir
+    from pairsift.pipeline.run_dir import RunDir, shard_of
 
     run, sizes = RunDir(run_dir), {}
-    for tar in sorted(run.stage_dir("download").glob("[0-9]*.tar")):
-        done = run.read_done(run.part("download", int(tar.stem)))
+    for tar in run.image_tars("download"):
+        done = run.read_done(run.part("download", shard_of(tar)))
         sizes[tar.name] = done.kept if done else 0
     (run.stage_dir("download") / "sizes.json").write_text(json.dumps(sizes))
     return run.stage_dir("download")
+
+
+def _samples_in(data: Path) -> int:
+    from pairsift.trainer.data import expand_shards, shard_sizes
+
+    return sum(shard_sizes(expand_shards(str(data))))
 
 
 def _head_tail(result: dict[str, Any], order: list[str]) -> tuple[float, float]:
@@ -99,7 +105,7 @@ def truth_by_uid(run_dir: Path, corpus: Path) -> dict[str, str]:
     from pairsift.pipeline.run_dir import RunDir
 
     run = RunDir(run_dir)
-    parts = sorted(run.stage_dir("ingest").glob("part-*.parquet"))
+    parts = run.parts("ingest")
     uids = pa.concat_tables([pq.read_table(p, columns=["uid"]) for p in parts]).column("uid").to_pylist()
     truth = pq.read_table(corpus / "ground_truth.parquet", columns=["row", "defect"]).sort_by("row")
     return dict(zip(uids, truth.column("defect").to_pylist()))
@@ -133,6 +139,9 @@ def ablation_run(cfg, run_dir: Path, drop_label: str, out: Path):
     for label in shared:
         if (run_dir / label).exists() and not (out / label).exists():
             shutil.copytree(run_dir / label, out / label, copy_function=os.link)
+    if not (out / "run.json").exists():  # what makes it a run directory the runner will write into
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "run.json", out / "run.json")
     run_pipeline(variant)
     return out / "shards"
 
@@ -190,7 +199,7 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "r
         final = _train(data, models / name.split()[0], plan.train_steps, plan.batch_size, seed, plan.threads)
         result = evaluate_checkpoint(final, corpus / "test")
         head, tail = _head_tail(result, summary.zipf_order)
-        rows.append({"name": name.split()[0], "train_samples": sum(json.loads((data / "sizes.json").read_text()).values()),
+        rows.append({"name": name.split()[0], "train_samples": _samples_in(data),
                      "top1": result["top1"], "head_top1": head, "tail_top1": tail, "i2t_r1": result.get("i2t_r1")})
     quality = filter_quality(run_dir, corpus)
     comparison = {"rows": rows, "filter": quality, "size": size, "seed": seed,

@@ -2,7 +2,7 @@
 
 ``subset`` copies the samples a uid/url list selects (or every other one, with ``exclude``) from a
 run's final shards into new shards elsewhere. ``takedown`` removes the samples whose url is listed
-from a run in place: training shards, their parquet and sizes.json, and the stored images in every
+from a run in place: training shards, their parquet, sizes.json and __len__, and the stored images in every
 stage's image tar (download/NNNNN.tar), and records them so the catalog and verify know.
 
 Both stream each tar member by member (images are copied as bytes, never decoded) and hold one
@@ -14,7 +14,7 @@ A takedown is crash-safe and finishes by being run again (with the same or any o
    them as gone, and every later takedown finishes removing them;
 2. per final shard holding one: tar and parquet are written to temporary names, then renamed into
    place, then its ``.done.json`` gets the new ``kept``; image tars are rewritten the same way;
-3. ``sizes.json`` is rewritten from the shards' row counts;
+3. ``shards/_meta/sizes.json`` and ``shards/__len__`` are rewritten from the shards' row counts;
 4. ``<run>/takedowns.jsonl`` gets one line per removed sample not logged before (time, url, uid, shard).
 """
 
@@ -25,7 +25,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,20 +41,22 @@ from pairsift.common.storage import (
     AnyPath,
     as_path,
     is_remote,
+    is_temp_name,
+    new_temp_file,
     open_parquet,
     publish,
     read_parquet,
     remove,
 )
 from pairsift.pipeline.errors import UserError
-from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
+from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardsDir, shard_of, write_atomic
 
-TAKEDOWNS = "takedowns.parquet"  # every uid ever taken down: the catalog's and verify's input
-TAKEDOWN_LOG = "takedowns.jsonl"  # the audit log: what was removed, when, from which shard
 TAKEDOWN_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("shard", pa.string()),
                              ("input_shard", pa.int32()), ("requested_at", pa.float64())])
 _UID = re.compile(r"[0-9a-f]{32}")
-_SUBSET_FILES = re.compile(r"(\d{5}\.(tar|parquet)|sizes\.json|subset\.json|\..+\.tmp)")
+_SUBSET_FILES = re.compile(r"(\d{5}\.tar|__len__|_meta|_markers|\..+\.tmp)")  # a ShardsDir's names
+# What a takedown writes, so a killed one's temporaries (and only those) are removed by the next.
+_TAKEDOWN_WRITES = re.compile(r"\.(\d{5}\.(tar|parquet|done\.json)|sizes\.json|__len__|takedowns\.parquet)")
 
 
 # --- id lists --------------------------------------------------------------------------------
@@ -131,17 +132,10 @@ def _csv_ids(path: Path, column: str, delimiter: str) -> set[str]:
 
 # --- files -----------------------------------------------------------------------------------
 
-def _tmp_for(path: AnyPath) -> Path:
-    """Beside ``path`` on local disk (so the rename is atomic); in the temp dir for an object store."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=None if is_remote(path) else path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 @contextmanager
 def _temporaries(*paths: AnyPath) -> Iterator[list[Path]]:
     """Local temporary files for ``paths``; whatever the block leaves unpublished is removed."""
-    temps = [_tmp_for(p) for p in paths]
+    temps = [new_temp_file(p) for p in paths]
     try:
         yield temps
     finally:
@@ -185,20 +179,21 @@ def tar_keys(path: AnyPath) -> set[str]:
         return {sample_key(m.name) for m in tar}
 
 
-def _shard_names(shards_dir: AnyPath) -> list[str]:
-    sizes_path = shards_dir / "sizes.json"
+def _shard_names(shards: ShardsDir) -> list[str]:
+    sizes_path = shards.sizes_path
     try:
-        sizes = json.loads(sizes_path.read_text())
+        sizes = shards.read_sizes()
     except (OSError, ValueError):
         raise UserError(f"{sizes_path}: missing or unreadable; is the run finished? (`pairsift run` writes it last)") from None
     return sorted(sizes)
 
 
-def _read_shard_table(tar_path: AnyPath, columns: list[str] | None = None, need: tuple[str, ...] = ("uid",)) -> pa.Table:
+def _read_shard_table(shards: ShardsDir, name: str, columns: list[str] | None = None,
+                      need: tuple[str, ...] = ("uid",)) -> pa.Table:
     """A shard's parquet (only ``columns`` if given), which must have the ``need`` columns."""
-    table_path = tar_path.with_suffix(".parquet")
+    table_path = shards.table_of(shards.named(name))
     if not table_path.exists():
-        raise UserError(f"{table_path}: missing; every shard's parquet must sit beside its tar (`pairsift verify`)")
+        raise UserError(f"{table_path}: missing; every shard's parquet must be in _meta/ beside its tar (`pairsift verify`)")
     with open_parquet(table_path) as reader:
         names = reader.schema_arrow.names
     for name in set(need) | set(columns or ()):
@@ -234,10 +229,11 @@ class SubsetSummary:
                 f"({self.listed:,} ids listed, {self.not_found:,} not in the run)")
 
 
-def _source_shards(run_dir: AnyPath) -> AnyPath:
+def _source_shards(run_dir: AnyPath) -> ShardsDir:
     """A run directory, or a shards directory itself (so a subset can be subset again)."""
     run_dir = _location(run_dir)
-    return run_dir if (run_dir / "sizes.json").exists() else RunDir(run_dir).shards_dir
+    shards = ShardsDir(run_dir)
+    return shards if shards.sizes_path.exists() else RunDir(run_dir).shards
 
 
 def _resolved(path: AnyPath) -> str:
@@ -251,17 +247,19 @@ def _location(location: str | AnyPath) -> AnyPath:
         raise UserError(str(exc)) from None
 
 
-def _prepare_out(out: AnyPath, source: AnyPath) -> None:
-    if _resolved(out) in (_resolved(source), _resolved(source.parent)):
+def _prepare_out(out: ShardsDir, source: ShardsDir) -> None:
+    if _resolved(out.root) in (_resolved(source.root), _resolved(source.root.parent)):
         raise UserError(f"--out {out}: must not be the run or its shards directory; pick a new directory")
-    if out.exists():
-        foreign = [p.name for p in out.iterdir() if not _SUBSET_FILES.fullmatch(p.name)]
+    if out.root.exists():
+        foreign = [p.name for p in out.root.iterdir() if not _SUBSET_FILES.fullmatch(p.name)]
         if foreign:
-            raise UserError(f"--out {out}: not empty and not an earlier subset ({foreign[0]} ...); pick a new directory")
-        remove(out / "subset.json")  # incomplete until written again, last
-        for stale in out.glob(".*.tmp"):
-            remove(stale)
-    out.mkdir(parents=True, exist_ok=True)
+            raise UserError(f"--out {out.root}: not empty and not an earlier subset ({foreign[0]} ...); pick a new directory")
+        remove(out.meta("subset.json"))  # incomplete until written again, last
+        for folder in out.folders():
+            for stale in folder.glob(".*.tmp") if folder.exists() else []:
+                if is_temp_name(stale.name):
+                    remove(stale)
+    out.root.mkdir(parents=True, exist_ok=True)
 
 
 def subset(run_dir: str | AnyPath, uids: Path | None, urls: Path | None, exclude: bool,
@@ -275,7 +273,7 @@ def subset(run_dir: str | AnyPath, uids: Path | None, urls: Path | None, exclude
     column = "uid" if uids is not None else "url"
     list_path = Path(uids if uids is not None else urls)  # type: ignore[arg-type]
     ids = read_id_list(list_path, column)
-    source, out = _source_shards(run_dir), _location(out)
+    source, out = _source_shards(run_dir), ShardsDir(_location(out))
     names = _shard_names(source)
     _prepare_out(out, source)
     found: set[str] = set()
@@ -283,31 +281,28 @@ def subset(run_dir: str | AnyPath, uids: Path | None, urls: Path | None, exclude
     samples_in = 0
     value_set = _id_array(ids)
     for name in names:
-        table = _read_shard_table(source / name, need=("uid", column))
+        table = _read_shard_table(source, name, need=("uid", column))
         samples_in += table.num_rows
         hit = _in(table, column, value_set)
         found.update(table.filter(hit).column(column).to_pylist())
         chosen = table.filter(pc.invert(hit) if exclude else hit)
         if chosen.num_rows == 0:
             continue
-        target = out / f"{len(sizes):05d}.tar"
-        _copy_shard(source / name, target, chosen)
+        target = out.tar(len(sizes))
+        _copy_shard(source.named(name), target, out.table_of(target), chosen)
         sizes[target.name] = chosen.num_rows
-    for stale in out.glob("[0-9]*.*"):  # an earlier, larger subset into the same directory
-        if stale.name.split(".")[0].isdigit() and f"{stale.name.split('.')[0]}.tar" not in sizes:
-            remove(stale)
-    write_atomic(out / "sizes.json", json.dumps(sizes, indent=1))
-    summary = SubsetSummary(str(out), len(ids), len(ids - found), len(names), len(sizes), samples_in,
+    out.remove_from(len(sizes))  # an earlier, larger subset into the same directory
+    out.write_sizes(sizes)
+    summary = SubsetSummary(str(out.root), len(ids), len(ids - found), len(names), len(sizes), samples_in,
                             sum(sizes.values()))
-    write_atomic(out / "subset.json", json.dumps({
-        "source": _resolved(source), "list": str(list_path.resolve()), "by": column, "exclude": exclude,
+    write_atomic(out.meta("subset.json"), json.dumps({
+        "source": _resolved(source.root), "list": str(list_path.resolve()), "by": column, "exclude": exclude,
         "created_at": time.time(), **{k: v for k, v in summary.__dict__.items() if k != "out"}}, indent=1))
     return summary
 
 
-def _copy_shard(src_tar: AnyPath, dst_tar: AnyPath, chosen: pa.Table) -> None:
+def _copy_shard(src_tar: AnyPath, dst_tar: AnyPath, dst_parquet: AnyPath, chosen: pa.Table) -> None:
     keep = set(chosen.column("uid").to_pylist())
-    dst_parquet = dst_tar.with_suffix(".parquet")
     with _temporaries(dst_tar, dst_parquet) as (tmp_tar, tmp_parquet):
         copied = copy_tar_members(src_tar, tmp_tar, keep.__contains__)
         if copied != chosen.column("uid").to_pylist():
@@ -336,7 +331,7 @@ class TakedownSummary:
 
 def taken_down_uids(run_root: str | AnyPath) -> set[str]:
     """Every uid a takedown removed from the run (empty when none): rows the catalog marks 'takedown'."""
-    path = as_path(run_root) / TAKEDOWNS
+    path = RunDir(run_root).takedowns
     if not path.exists():
         return set()
     return set(read_parquet(path, columns=["uid"]).column("uid").to_pylist())
@@ -364,8 +359,8 @@ def takedown(run_dir: str | AnyPath, urls: Path) -> TakedownSummary:
     if meta.get("status") == "running":
         raise UserError(f"{run.root}: the run is not finished (status 'running'); rerun `pairsift run` to finish it first")
     listed = read_id_list(Path(urls), "url")
-    labels = ["ingest"] + [s["label"] for s in meta["config"].get("stages", [])]
-    names = _shard_names(run.shards_dir)
+    labels = run.labels()
+    names = _shard_names(run.shards)
     with _run_lock(run):
         _remove_stale_temporaries(run, labels)
         plan, added, found_urls = _plan(run, names, listed)
@@ -383,30 +378,30 @@ def takedown(run_dir: str | AnyPath, urls: Path) -> TakedownSummary:
 
 def _remove_stale_temporaries(run: RunDir, labels: list[str]) -> None:
     """A takedown killed hard leaves its temporaries; nothing else writes to a finished run."""
-    for folder in [run.shards_dir, run.root] + [run.stage_dir(label) for label in labels]:
-        for tmp in folder.glob(".*.tmp"):
-            if re.fullmatch(r"\.(\d{5}\.(tar|parquet|done\.json)|sizes\.json|takedowns\.parquet)\..+\.tmp", tmp.name):
+    for folder in run.shards.folders() + [run.root] + [run.stage_dir(label) for label in labels]:
+        for tmp in folder.glob(".*.tmp") if folder.exists() else []:
+            if is_temp_name(tmp.name) and _TAKEDOWN_WRITES.fullmatch(tmp.name.split(".pairsift-")[0]):
                 tmp.unlink(missing_ok=True)
 
 
 def _plan(run: RunDir, names: list[str], urls: set[str]) -> tuple[pa.Table, int, set[str]]:
     """Add every uid with a listed url to takedowns.parquet before removing anything; return the
     whole table (earlier takedowns included, so an interrupted one is finished too)."""
-    path = run.root / TAKEDOWNS
+    path = run.takedowns
     known = read_parquet(path).cast(TAKEDOWN_SCHEMA) if path.exists() else TAKEDOWN_SCHEMA.empty_table()
     seen = set(known.column("uid").to_pylist())
     new: dict[str, dict] = {}
     found_urls: set[str] = set()
     now = time.time()
     listed = _id_array(urls)
-    for part in sorted(run.stage_dir("ingest").glob("part-*.parquet")):
+    for part in run.parts("ingest"):
         table = read_parquet(part, columns=["uid", "url"])
         for row in table.filter(_in(table, "url", listed)).to_pylist():
             found_urls.add(row["url"])
             if row["uid"] not in seen:
-                new[row["uid"]] = {**row, "shard": None, "input_shard": int(part.name[5:10]), "requested_at": now}
+                new[row["uid"]] = {**row, "shard": None, "input_shard": shard_of(part), "requested_at": now}
     for name in names:  # where each sample sits in the training shards, if it got there
-        table = _read_shard_table(run.shards_dir / name, ["uid", "url"])
+        table = _read_shard_table(run.shards, name, ["uid", "url"])
         for row in table.filter(_in(table, "url", listed)).to_pylist():
             found_urls.add(row["url"])
             if row["uid"] not in seen:
@@ -429,12 +424,12 @@ def _group(plan: pa.Table, column: str) -> dict:
 def take_down_shard(run: RunDir, name: str, uids: set[str]) -> int:
     """Rewrite one training shard without ``uids`` (tar and parquet both to temporaries, then both
     renamed), then its marker. Returns how many samples it removed (0 if already done)."""
-    tar_path = run.shards_dir / name
-    table_path = tar_path.with_suffix(".parquet")
-    table = _read_shard_table(tar_path, ["uid"])  # most shards of an old plan are done: read the ids only
+    tar_path = run.shards.named(name)
+    table_path = run.shards.table_of(tar_path)
+    table = _read_shard_table(run.shards, name, ["uid"])  # most shards of an old plan are done: read the ids only
     count = pc.sum(_in(table, "uid", uids)).as_py() or 0
     if count:
-        table = _read_shard_table(tar_path)
+        table = _read_shard_table(run.shards, name)
         remaining = table.filter(pc.invert(_in(table, "uid", uids)))
         with _temporaries(tar_path, table_path) as (tmp_tar, tmp_table):
             copy_tar_members(tar_path, tmp_tar, lambda key: key not in uids)
@@ -472,14 +467,13 @@ def _scrub_images(run: RunDir, labels: list[str], input_shard: int, uids: set[st
 
 def _update_sizes(run: RunDir, touched: list[str]) -> None:
     """Set the touched shards' counts from their parquet (its footer: no rows are read)."""
-    path = run.shards_dir / "sizes.json"
-    sizes = json.loads(path.read_text())
+    sizes = run.shards.read_sizes()
     fresh = dict(sizes)
     for name in touched:
-        with open_parquet((run.shards_dir / name).with_suffix(".parquet")) as reader:
+        with open_parquet(run.shards.table_of(run.shards.named(name))) as reader:
             fresh[name] = reader.metadata.num_rows
     if fresh != sizes:
-        write_atomic(path, json.dumps(fresh, indent=1))
+        run.shards.write_sizes(fresh)
 
 
 def _logged_uids(path: AnyPath) -> set[str]:
@@ -495,7 +489,7 @@ def _logged_uids(path: AnyPath) -> set[str]:
 
 
 def _log(run: RunDir, plan: pa.Table) -> int:
-    path = run.root / TAKEDOWN_LOG
+    path = run.takedown_log
     logged = _logged_uids(path)
     now = time.time()
     lines = [json.dumps({"time": now, "url": row["url"], "uid": row["uid"], "shard": row["shard"]}) + "\n"

@@ -32,8 +32,8 @@ from matplotlib.patches import Patch
 
 from pairsift.common.images import IMAGE_MEMBER_EXTENSIONS, open_image
 from pairsift.common.storage import as_path
-from pairsift.pipeline.catalog import funnel, open_catalog, stage_labels
-from pairsift.pipeline.run_dir import RunDir, ShardFailed, write_atomic
+from pairsift.pipeline.catalog import funnel, open_catalog, sql_files, sql_ident, stage_labels
+from pairsift.pipeline.run_dir import RunDir, is_partial, shard_of, write_atomic
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
 SAMPLES_PER_GROUP = 8
@@ -47,14 +47,6 @@ MAX_CURVE_POINTS = 4000  # entry-count curves of 500k entries are drawn from log
 KEPT_COLOUR = "#59a14f"
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac", "#a0cbe8", "#ffbe7d", "#ff9d9a", "#86bcb6", "#f1ce63", "#d4a6c8", "#d7b5a6", "#79706e"]
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _sql_path(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 # --- what every section reads ----------------------------------------------------------------
@@ -74,7 +66,7 @@ class RunView:
         return [label for label in self.present if self.kind(label) == kind]
 
     def columns(self, label: str) -> set[str]:
-        return {row[0] for row in self.con.execute(f"DESCRIBE {_quote(label)}").fetchall()}
+        return {row[0] for row in self.con.execute(f"DESCRIBE {sql_ident(label)}").fetchall()}
 
     def rows(self, sql: str, params: list | None = None) -> list[tuple]:
         return self.con.execute(sql, params or []).fetchall()
@@ -230,7 +222,7 @@ def clip_chart(edges: np.ndarray, counts: np.ndarray, threshold: float | None) -
 def clip_block(view: RunView, label: str) -> dict | None:
     if "clip_score" not in view.columns(label):
         return None
-    source = _quote(label)
+    source = sql_ident(label)
     n, mean, median, lo, hi = view.rows(
         f"SELECT count(*), avg(clip_score), median(clip_score), min(clip_score), max(clip_score) "
         f"FROM {source} WHERE isfinite(clip_score)")[0]
@@ -244,7 +236,7 @@ def clip_block(view: RunView, label: str) -> dict | None:
         threshold = view.fit_values(filter_label).get("threshold")
         spec = view.specs[filter_label]
         kept, dropped = view.rows(f"SELECT count(*) FILTER (WHERE reason IS NULL), "
-                                  f"count(*) FILTER (WHERE reason IS NOT NULL) FROM {_quote(filter_label)}")[0]
+                                  f"count(*) FILTER (WHERE reason IS NOT NULL) FROM {sql_ident(filter_label)}")[0]
         rule = (f"top {spec['fraction']:.0%} of the pool" if spec.get("fraction") is not None else "fixed")
         block.update(filter=filter_label, kept=kept, dropped=dropped, rule=rule,
                      threshold=None if threshold is None else f"{threshold:.4f}")
@@ -282,11 +274,11 @@ def balance_chart(before: np.ndarray, after: np.ndarray, t: float | None) -> str
 
 def entry_names(view: RunView, label: str, ids: list[int]) -> dict[int, tuple[str, str]]:
     """entry id -> (entry, source), from the fit's counts table; the balance stage writes it."""
-    path = view.run.stage_dir(label) / "fit-counts.parquet"
+    path = view.run.fit_table(label, "counts")
     if not ids or not path.exists():
         return {}
     try:
-        rows = view.rows(f"SELECT entry_id, entry, source FROM read_parquet({_sql_path(path)}) "
+        rows = view.rows(f"SELECT entry_id, entry, source FROM read_parquet({sql_files([path])}) "
                          "WHERE entry_id IN (SELECT unnest($1::BIGINT[]))", [ids])
     except duckdb.Error:
         return {}
@@ -305,7 +297,7 @@ def balance_block(view: RunView, label: str) -> dict | None:
     extra = ", keep_prob" if online else ""
     counts = view.con.execute(
         f"SELECT e, count(*) AS before, coalesce({after}, 0) AS kept FROM "
-        f"(SELECT unnest(matched_entries) AS e, reason{extra} FROM {_quote(label)}) GROUP BY e").fetchnumpy()
+        f"(SELECT unnest(matched_entries) AS e, reason{extra} FROM {sql_ident(label)}) GROUP BY e").fetchnumpy()
     if not len(counts["e"]):
         return None
     ids = np.asarray(counts["e"], dtype=np.int64)
@@ -358,7 +350,7 @@ def mean_words(counts: np.ndarray) -> str:
 
 def caption_block(view: RunView, label: str) -> dict | None:
     columns = view.columns(label)
-    source = _quote(label)
+    source = sql_ident(label)
     if "rewrites" in columns:
         kind, produced = "rewrites", "len(r.rewrites) > 0"
         after_sql = f"SELECT unnest(rewrites) AS x FROM {source} WHERE len(rewrites) > 0"
@@ -390,7 +382,7 @@ def caption_block(view: RunView, label: str) -> dict | None:
 def image_label(view: RunView) -> str | None:
     """The latest stage that stored images (download, or ingest of a webdataset input)."""
     for label in reversed(view.present):
-        if any(view.run.stage_dir(label).glob("[0-9][0-9][0-9][0-9][0-9].tar")):
+        if view.run.image_tars(label):
             return label
     return None
 
@@ -404,27 +396,22 @@ def pick_samples(view: RunView, images_at: str) -> list[tuple[str | None, str | 
     pick = f"count(*), min_by(uid, hash(uid), {SAMPLES_PER_GROUP})"
     groups = []
     for label in view.present[view.present.index(images_at) + 1:]:
-        for reason, rows, picked in view.rows(f"SELECT reason, {pick} FROM {_quote(label)} "
+        for reason, rows, picked in view.rows(f"SELECT reason, {pick} FROM {sql_ident(label)} "
                                               "WHERE reason IS NOT NULL GROUP BY reason"):
             groups.append((label, reason, rows, picked))
     last = view.present[-1]
     alive = "" if last == "ingest" else " WHERE reason IS NULL"
-    rows, picked = view.rows(f"SELECT {pick} FROM {_quote(last)}{alive}")[0]
+    rows, picked = view.rows(f"SELECT {pick} FROM {sql_ident(last)}{alive}")[0]
     if rows:
         groups.append((None, None, rows, picked))
     return groups
 
 
 def shard_of_uids(view: RunView, label: str, uids: list[str]) -> dict[str, int]:
-    parts = _sql_path(view.run.stage_dir(label)) + " || '/part-*.parquet'"
+    parts = sql_files(view.run.parts(label))
     rows = view.rows(f"SELECT uid, filename FROM read_parquet({parts}, filename=true) "
                      "WHERE uid IN (SELECT unnest($1::VARCHAR[]))", [uids])
-    found = {}
-    for uid, filename in rows:
-        match = re.search(r"part-(\d+)\.parquet$", filename)
-        if match:
-            found[uid] = int(match.group(1))
-    return found
+    return {uid: shard_of(Path(filename)) for uid, filename in rows}
 
 
 def read_images(tar_path: Path, wanted: set[str]) -> dict[str, bytes]:
@@ -495,8 +482,8 @@ def sample_details(view: RunView, uids: list[str]) -> dict[str, dict[str, Any]]:
         columns = [c for c in missing if c in view.columns(label)]
         if not columns:
             continue
-        select = ", ".join(_quote(c) for c in columns)
-        for uid, *values in view.rows(f"SELECT uid, {select} FROM {_quote(label)} "
+        select = ", ".join(sql_ident(c) for c in columns)
+        for uid, *values in view.rows(f"SELECT uid, {select} FROM {sql_ident(label)} "
                                       "WHERE uid IN (SELECT unnest($1::VARCHAR[]))", [uids]):
             details[uid].update(zip(columns, values))
         missing = [c for c in missing if c not in columns]
@@ -569,11 +556,11 @@ def worker_of(spec: dict[str, Any]) -> tuple[str, str]:
 
 def shard_seconds(view: RunView, label: str) -> float | None:
     """Seconds every finished shard took in its worker, over all runs (from the done markers)."""
-    directory = view.run.shards_dir if label == "shards" else view.run.stage_dir(label)
-    if not any(directory.glob("*.done.json")):
+    markers = view.run.done_markers(label) + view.run.done_markers(label, partials=True)
+    if not markers:
         return None
     try:
-        (total,) = view.rows(f"SELECT sum(seconds) FROM read_json({_sql_path(directory)} || '/*.done.json', "
+        (total,) = view.rows(f"SELECT sum(seconds) FROM read_json({sql_files(markers)}, "
                              "columns={'seconds': 'DOUBLE'})")[0]
     except duckdb.Error:
         return None
@@ -583,16 +570,9 @@ def shard_seconds(view: RunView, label: str) -> float | None:
 def failed_shards(view: RunView, labels: list[str]) -> list[dict[str, Any]]:
     failed = []
     for label in labels:
-        directory = view.run.shards_dir if label == "shards" else view.run.stage_dir(label)
-        for marker in sorted(directory.glob("*.failed.json")):
-            try:
-                state = ShardFailed.model_validate_json(marker.read_text())
-            except (OSError, ValueError):
-                continue
-            number = re.search(r"(\d+)\.failed\.json$", marker.name)
-            where = label + (" (partial)" if marker.name.startswith("partial-") else "")
-            failed.append({"label": where, "shard": int(number.group(1)) if number else marker.name,
-                           "attempts": state.attempts, "error": state.error})
+        for marker, state in view.run.failures(label):
+            where = label + (" (partial)" if is_partial(marker) else "")
+            failed.append({"label": where, "shard": shard_of(marker), "attempts": state.attempts, "error": state.error})
     return failed
 
 
@@ -601,7 +581,7 @@ def row_errors(view: RunView) -> list[tuple[str, str, int]]:
     for label in view.present[1:]:
         if "error" in view.columns(label):
             out += [(label, (e or "")[:200], n) for e, n in view.rows(
-                f"SELECT error, count(*) AS n FROM {_quote(label)} WHERE error IS NOT NULL AND error <> '' "
+                f"SELECT error, count(*) AS n FROM {sql_ident(label)} WHERE error IS NOT NULL AND error <> '' "
                 "GROUP BY error ORDER BY n DESC LIMIT 8")]
     return out
 

@@ -52,7 +52,7 @@ def print_summary(summary) -> None:
 def print_plan(cfg: RunConfig) -> None:
     run = RunDir(cfg.run_dir)
     hashes = cfg.stage_hashes()
-    n_shards = len(list(run.stage_dir("ingest").glob("part-*.parquet")))
+    n_shards = len(run.parts("ingest"))
     table = Table("#", "stage", "kind", "cpus", "gpus", "worker", "done", "config hash", title=f"plan for {cfg.run_dir}")
     for index, spec in enumerate(cfg.stages):
         cls = stage_class(spec.stage)

@@ -6,7 +6,7 @@ in the retry set. The shard's part is rewritten with the same rows in the same o
 join on position), the retried rows' columns replaced by their new result; its image tar is rewritten
 with the old images and the new ones in row order; its marker gets a new version. Shards with
 nothing to retry keep their marker, so the stages after download redo exactly the shards whose
-download part changed. One line per retried shard goes to ``<run>/<label>/retries.jsonl``.
+download part changed. One line per retried shard goes to ``<run>/<label>/_markers/retries.jsonl``.
 
 A retried shard is replaced in this order: old marker removed, tar, part, new marker. A crash
 anywhere in between leaves a shard without a marker, which the next run redoes whole: never a part
@@ -93,7 +93,7 @@ def check_retry(cfg: RunConfig, run: RunDir, reasons: Collection[str]) -> frozen
     hashes = cfg.stage_hashes()
     for label in labels:
         finished = current = False
-        for part in run.stage_dir(label).glob("part-*.parquet"):
+        for part in run.parts(label):
             done = run.read_done(part)
             finished = finished or done is not None
             if done is not None and done.config_hash == hashes[label]:
@@ -306,7 +306,7 @@ def retry_failed_rows(cfg: RunConfig, run: RunDir, executor, n_shards: int, inde
     """Retry the rows of stage ``index`` (a download stage) that failed for ``reasons``."""
     spec = cfg.stages[index]
     label, stage_hash = spec.label, hashes[spec.label]
-    upstream = ["ingest"] + [s.label for s in cfg.stages[:index]]
+    upstream = cfg.labels()[:index + 1]
     report = RetryReport(label, sorted(reasons))
     jobs = []
     for shard in range(n_shards):
@@ -322,7 +322,7 @@ def retry_failed_rows(cfg: RunConfig, run: RunDir, executor, n_shards: int, inde
     worker = WorkerSpec(RetryRunner, {"run_root": str(run.root), "stage_path": stage_path(spec.stage),
                                       "config": spec.config.model_dump(), "label": label, "upstream": upstream},
                         cls(spec.config).resources, cls.stateful)
-    retry_log = RetryLog(run.stage_dir(label) / "retries.jsonl")
+    retry_log = RetryLog(run.retry_log(label))
     started = time.perf_counter()
     try:
         with tqdm(total=len(jobs), desc=f"{label} (retry)", unit=" shard", leave=False) as bar:

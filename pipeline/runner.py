@@ -26,7 +26,7 @@ from pairsift.common.storage import is_remote, read_parquet, remove
 from pairsift.pipeline.config import RunConfig, config_hash
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.executor import Job, JobResult, LocalExecutor, RayExecutor, WorkerSpec, make_executor
-from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardFailed, write_atomic
+from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardFailed, shard_of, write_atomic
 from pairsift.pipeline.shard_runner import ShardRunner, write_image_tar
 from pairsift.pipeline.shards import ShardWriter, plan_output_shards, remove_stale_shards, write_sizes
 from pairsift.stages import stage_class, stage_path
@@ -82,7 +82,7 @@ def versions() -> dict[str, str]:
 
 def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
     """Cut the input into shards (skipped when a finished ingest with the same hash exists)."""
-    manifest_path = run.stage_dir("ingest") / "_manifest.json"
+    manifest_path = run.manifest
     try:
         manifest = json.loads(manifest_path.read_text())
         if manifest["config_hash"] == ingest_hash:
@@ -118,8 +118,8 @@ def ingest(cfg: RunConfig, run: RunDir, ingest_hash: str) -> int:
     if usable == 0:  # every row would be dropped: say so now, not after a run that writes nothing
         raise UserError(f"input {source.path}: none of its {rows:,} rows has a url (column {source.url_col!r} "
                         "is empty or null in every row) or an image: nothing to curate; check input.url_col")
-    for stale in run.stage_dir("ingest").glob("part-*.parquet"):
-        if int(stale.name[5:10]) >= n_shards:
+    for stale in run.parts("ingest"):
+        if shard_of(stale) >= n_shards:
             remove(stale)
             remove(run.done_of(stale))
     _say_input_problems(problems, rows, source.path)
@@ -220,7 +220,7 @@ def record_attempts(run: RunDir, path, done: ShardDone, result: JobResult) -> Sh
 def run_stage(cfg: RunConfig, run: RunDir, executor, n_shards: int, index: int, hashes: dict[str, str]) -> StageReport:
     spec = cfg.stages[index]
     label, stage_hash = spec.label, hashes[spec.label]
-    upstream = ["ingest"] + [s.label for s in cfg.stages[:index]]
+    upstream = cfg.labels()[:index + 1]
     cls = stage_class(spec.stage)
     stage = cls(spec.config)
     runner_kwargs = {"run_root": str(run.root), "stage_path": stage_path(spec.stage), "config": spec.config.model_dump(),
@@ -292,7 +292,7 @@ def fit_pool_stage(stage: PoolStage, run: RunDir, label: str, stage_hash: str, n
         if saved["config_hash"] == stage_hash and saved["upstream"] == partial_versions:
             fitted = dict(saved["values"])
             for name in saved["tables"]:
-                fitted[name] = read_parquet(run.stage_dir(label) / f"fit-{name}.parquet")
+                fitted[name] = read_parquet(run.fit_table(label, name))
             return fitted, saved["version"]
     except (OSError, ValueError, KeyError):
         pass
@@ -301,7 +301,7 @@ def fit_pool_stage(stage: PoolStage, run: RunDir, label: str, stage_hash: str, n
     fitted = stage.fit(partials)
     tables = {k: v for k, v in fitted.items() if isinstance(v, pa.Table)}
     for name, table in tables.items():
-        write_atomic(run.stage_dir(label) / f"fit-{name}.parquet", table)
+        write_atomic(run.fit_table(label, name), table)
     values = {k: v for k, v in fitted.items() if k not in tables}
     version = config_hash({"hash": stage_hash, "upstream": partial_versions, "values": values})
     write_atomic(fit_path, json.dumps({"config_hash": stage_hash, "upstream": partial_versions, "version": version,
@@ -312,7 +312,7 @@ def fit_pool_stage(stage: PoolStage, run: RunDir, label: str, stage_hash: str, n
 # --- final shards ----------------------------------------------------------------------------
 
 def write_output_shards(cfg: RunConfig, run: RunDir, executor, n_shards: int, shards_hash: str) -> tuple[StageReport, int, int]:
-    upstream = ["ingest"] + [s.label for s in cfg.stages]
+    upstream = cfg.labels()
     last = upstream[-1]
     report = StageReport("shards")
     kept: dict[int, int] = {}
@@ -329,7 +329,7 @@ def write_output_shards(cfg: RunConfig, run: RunDir, executor, n_shards: int, sh
     jobs = []
     for index, slices in enumerate(plan):
         upstream_versions = [f"{s}:{a}:{b}:{last_versions[s]}" for s, a, b in slices]
-        if run.is_done(run.shards_dir / f"{index:05d}.tar", shards_hash, upstream_versions):
+        if run.is_done(run.shards.tar(index), shards_hash, upstream_versions):
             report.shards_skipped += 1
             continue
         jobs.append(Job(index, "write", (slices, shards_hash, upstream_versions)))
@@ -338,7 +338,7 @@ def write_output_shards(cfg: RunConfig, run: RunDir, executor, n_shards: int, sh
                                       "max_caption_tokens": cfg.shards.max_caption_tokens,
                                       "long_captions": cfg.shards.long_captions})
     StageRun(run, executor, n_shards, upstream).execute(
-        "shards", worker, jobs, report, lambda i: run.shards_dir / f"{i:05d}.tar", shards_hash)
+        "shards", worker, jobs, report, run.shards.tar, shards_hash)
     sizes = write_sizes(run, len(plan))
     return report, len(plan), sum(sizes.values())
 

@@ -2,8 +2,9 @@
 
 Output shard j holds kept samples [j*S, (j+1)*S) in input order, so its contents depend only on
 what was kept, never on how many workers ran. Each tar has KEY.<ext> (the image as downloaded),
-KEY.txt (caption) and KEY.json (the sample's catalog columns), plus NNNNN.parquet with the same rows;
-``sizes.json`` lets ``open_clip_train`` read the directory without ``--train-num-samples``.
+KEY.txt (caption) and KEY.json (the sample's catalog columns), plus ``_meta/NNNNN.parquet`` with the
+same rows; ``__len__`` (the total) lets ``open_clip_train`` read the directory without
+``--train-num-samples``, and ``_meta/sizes.json`` holds the count per shard.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pairsift.common.storage import atomic_path, remove
+from pairsift.common.storage import atomic_path
 from pairsift.pipeline.maintenance import taken_down_uids
 from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
 from pairsift.pipeline.shard_runner import _add_member, attach_images, image_extension, load_input
@@ -131,7 +132,7 @@ class ShardWriter:
         taken = pc.is_in(rows.column("uid"), value_set=self.taken_down)
         taken_down = pc.sum(taken).as_py() or 0
         rows = rows.filter(pc.invert(taken)) if taken_down else rows
-        tar_path = self.run.shards_dir / f"{index:05d}.tar"
+        tar_path = self.run.shards.tar(index)
         written: list[dict[str, Any]] = []
         missing = too_long = 0
         with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w") as tar:
@@ -150,7 +151,7 @@ class ShardWriter:
                 written.append(row)
         # The parquet holds the same rows with the same (fitted) captions as the tar.
         schema = pa.schema([f for f in rows.schema if f.name not in _NOT_IN_JSON])
-        write_atomic(self.run.shards_dir / f"{index:05d}.parquet",
+        write_atomic(self.run.shards.table_of(tar_path),
                      pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in written], schema=schema))
         dropped = {k: v for k, v in (("no_image", missing), ("caption_too_long_for_context", too_long),
                                      ("takedown", taken_down)) if v}
@@ -163,18 +164,13 @@ class ShardWriter:
 def write_sizes(run: RunDir, n_shards: int) -> dict[str, int]:
     sizes = {}
     for index in range(n_shards):
-        done = run.read_done(run.shards_dir / f"{index:05d}.tar")
+        done = run.read_done(run.shards.tar(index))
         if done is not None:
-            sizes[f"{index:05d}.tar"] = done.kept
-    write_atomic(run.shards_dir / "sizes.json", json.dumps(sizes, indent=1))
+            sizes[run.shards.tar(index).name] = done.kept
+    run.shards.write_sizes(sizes)
     return sizes
 
 
 def remove_stale_shards(run: RunDir, n_shards: int) -> None:
     """A rerun that keeps fewer samples must not leave old shards behind under valid names."""
-    if not run.shards_dir.exists():
-        return
-    for path in run.shards_dir.glob("[0-9]*.*"):
-        stem = path.name.split(".")[0]
-        if stem.isdigit() and int(stem) >= n_shards:
-            remove(path)
+    run.shards.remove_from(n_shards)

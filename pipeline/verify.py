@@ -1,6 +1,6 @@
 """`pairsift verify RUN`: check a finished run on its own, from what is on disk.
 
-Every tar opens and its members match its parquet; sizes.json matches the tars; every uid appears
+Every tar opens and its members match its parquet; sizes.json and __len__ match the tars; every uid appears
 once; per stage, rows in = kept + dropped with a reason, and each stage saw exactly the rows the
 stage before it kept; the training shards hold exactly the kept samples, less those a takedown
 removed (``takedowns.parquet``), and none of those; no temporary file is left.
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 
 from pairsift.common.images import IMAGE_MEMBER_EXTENSIONS
-from pairsift.common.storage import AnyPath, is_remote, read_parquet
+from pairsift.common.storage import AnyPath, read_parquet
 from pairsift.pipeline.maintenance import taken_down_uids
-from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.run_dir import RunDir, stage_labels
 
 
 @dataclass
@@ -58,10 +58,10 @@ def verify_run(run_root: str | AnyPath) -> VerifyReport:
     run = RunDir(run_root)
     report = VerifyReport()
     meta = run.read_run_json()
-    labels = ["ingest"] + [s["label"] for s in meta["config"].get("stages", [])]
-    n_shards = json.loads((run.stage_dir("ingest") / "_manifest.json").read_text())["n_shards"]
+    labels = stage_labels(meta["config"])
+    n_shards = json.loads(run.manifest.read_text())["n_shards"]
 
-    for tmp in ([] if is_remote(run.root) else run.root.rglob("*.tmp")):
+    for tmp in run.temp_files():
         report.problem(f"temporary file left behind: {tmp.relative_to(run.root)}")
 
     all_uids: Counter = Counter()
@@ -103,17 +103,28 @@ def verify_run(run_root: str | AnyPath) -> VerifyReport:
     return report
 
 
-def _verify_shards(run: RunDir, report: VerifyReport, kept: list[str], taken_down: set[str]) -> None:
-    sizes_path = run.shards_dir / "sizes.json"
-    if not sizes_path.exists():
-        report.problem("shards/sizes.json is missing")
+def _verify_length(run: RunDir, report: VerifyReport, sizes: dict[str, int]) -> None:
+    """``__len__`` is the sample count open_clip trains on when it is given the shards folder."""
+    try:
+        length = int(run.shards.length_path.read_text())
+    except (OSError, ValueError):
+        report.problem("shards/__len__ is missing or unreadable")
         return
-    sizes = json.loads(sizes_path.read_text())
+    if length != sum(sizes.values()):
+        report.problem(f"shards/__len__ says {length}, sizes.json adds up to {sum(sizes.values())}")
+
+
+def _verify_shards(run: RunDir, report: VerifyReport, kept: list[str], taken_down: set[str]) -> None:
+    if not run.shards.sizes_path.exists():
+        report.problem(f"{run.shards.sizes_path.relative_to(run.root)} is missing")
+        return
+    sizes = run.shards.read_sizes()
+    _verify_length(run, report, sizes)
     seen: Counter = Counter()
     for name, size in sorted(sizes.items()):
-        tar_path = run.shards_dir / name
+        tar_path = run.shards.named(name)
         keys = _tar_keys(tar_path, report)
-        table_path = tar_path.with_suffix(".parquet")
+        table_path = run.shards.table_of(tar_path)
         uids = read_parquet(table_path, ["uid"]).column("uid").to_pylist() if table_path.exists() else []
         if not table_path.exists():
             report.problem(f"{table_path.name} is missing")
@@ -124,7 +135,7 @@ def _verify_shards(run: RunDir, report: VerifyReport, kept: list[str], taken_dow
         seen.update(keys)
         report.checked["shards"] += 1
         report.checked["samples"] += len(keys)
-    extra = sorted(p.name for p in run.shards_dir.glob("[0-9]*.tar") if p.name not in sizes)
+    extra = sorted(p.name for p in run.shards.tars() if p.name not in sizes)
     if extra:
         report.problem(f"tars not listed in sizes.json: {extra[:5]}")
     duplicated = [u for u, c in seen.items() if c > 1]
@@ -133,7 +144,7 @@ def _verify_shards(run: RunDir, report: VerifyReport, kept: list[str], taken_dow
     missing = set(kept) - set(seen)
     # Kept rows the shard writer could not use (no image in a text-only run; an alt-text too long for the
     # text encoder under `long_captions: drop`) are counted in the shard markers, not lost.
-    unusable = sum(n for m in run.shards_dir.glob("*.done.json")
+    unusable = sum(n for m in run.done_markers("shards")
                    for reason, n in json.loads(m.read_text()).get("dropped", {}).items()
                    if reason in ("no_image", "caption_too_long_for_context"))
     if len(missing) != unusable:

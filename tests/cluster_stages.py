@@ -268,7 +268,7 @@ def cli_argv(*args: str) -> list[str]:
 
 def finished_markers(run_root: Path) -> int:
     """Pieces of work finished after ingest (stage parts, partials, output shards)."""
-    return sum(1 for p in run_root.rglob("*.done.json") if p.parent.name != "ingest")
+    return sum(1 for p in run_root.rglob("*.done.json") if p.parent.parent.name != "ingest")
 
 
 def run_until_killed(argv: list[str], run_root: Path, after_markers: int, log: Path,
@@ -314,7 +314,7 @@ def catalog(run_root: Path) -> tuple[list[str], list[tuple]]:
 def _visible(folder: Path, pattern: str) -> dict[str, Path]:
     """Files a reader of the run sees: no markers, no hidden temporaries (``temp_files`` checks those)."""
     return {p.name: p for p in folder.glob(pattern)
-            if not p.name.startswith(".") and not p.name.endswith((".done.json", ".failed.json"))}
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".done.json", ".failed.json"))}
 
 
 def differences(run_root: Path, reference: Path, image_stages: tuple[str, ...] = ()) -> list[str]:
@@ -325,7 +325,7 @@ def differences(run_root: Path, reference: Path, image_stages: tuple[str, ...] =
     found = []
     if catalog(run_root) != catalog(reference):
         found.append("the samples catalog differs")
-    for folder, pattern in [("shards", "*")] + [(label, "*.tar") for label in image_stages]:
+    for folder, pattern in [("shards", "*"), ("shards/_meta", "*")] + [(label, "*.tar") for label in image_stages]:
         ours, theirs = _visible(run_root / folder, pattern), _visible(reference / folder, pattern)
         if sorted(ours) != sorted(theirs):
             found.append(f"{folder}: files differ: {sorted(set(ours) ^ set(theirs))[:5]}")

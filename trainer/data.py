@@ -63,13 +63,14 @@ def expand_shards(spec: str) -> list[Path]:
 
 
 def shard_sizes(shards: list[Path]) -> list[int]:
-    """Samples per shard from each directory's sizes.json; shards it lacks are counted by index."""
+    """Samples per shard from each directory's sizes.json (a pairsift run's shards keep it in
+    ``_meta/``, out of webdataset readers' way); shards it lacks are counted by index."""
     tables: dict[Path, dict[str, int]] = {}
     sizes = []
     for shard in shards:
         if shard.parent not in tables:
-            f = shard.parent / "sizes.json"
-            tables[shard.parent] = json.loads(f.read_text()) if f.is_file() else {}
+            found = [f for f in (shard.parent / "sizes.json", shard.parent / "_meta" / "sizes.json") if f.is_file()]
+            tables[shard.parent] = json.loads(found[0].read_text()) if found else {}
         n = tables[shard.parent].get(shard.name)
         sizes.append(int(n) if n is not None else len(index_tar(shard)[0]))
     return sizes

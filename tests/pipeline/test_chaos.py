@@ -118,9 +118,9 @@ def test_temp_files_of_a_killed_writer_are_swept_by_the_rerun(reference, tmp_pat
     cfg = chaos_config(tmp_path, pool, kind="local")
     run_pipeline(parse_config(cfg))
     run = RunDir(tmp_path / "run")
-    leftovers = [run.stage_dir("render") / ".00002.tar.k1ll3d.tmp",
-                 run.stage_dir("caption_length") / ".part-00004.parquet.k1ll3d.tmp",
-                 run.shards_dir / ".00001.tar.k1ll3d.tmp"]
+    leftovers = [run.stage_dir("render") / ".00002.tar.pairsift-k1ll3d.tmp",
+                 run.stage_dir("caption_length") / ".part-00004.parquet.pairsift-k1ll3d.tmp",
+                 run.shards_dir / ".00001.tar.pairsift-k1ll3d.tmp"]
     for path in leftovers:
         path.write_bytes(b"half a file")
     (run.done_of(run.part("render", 2))).unlink()  # and its shard never finished

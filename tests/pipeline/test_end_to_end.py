@@ -96,7 +96,7 @@ def test_funnel_matches_the_ground_truth(curated):
 def test_shards_hold_exactly_the_kept_samples(curated):
     root, _, summary = curated
     shards = root / "run" / "shards"
-    sizes = json.loads((shards / "sizes.json").read_text())
+    sizes = json.loads((shards / "_meta/sizes.json").read_text())
     _, kept = query(root / "run", "SELECT uid, caption FROM samples WHERE reason IS NULL")
     assert sum(sizes.values()) == len(kept) == summary.samples_written
     assert max(sizes.values()) == 300
@@ -111,7 +111,7 @@ def test_shards_hold_exactly_the_kept_samples(curated):
     # the shard's parquet has exactly the tar's samples, in order, with the same captions
     with tarfile.open(shards / "00000.tar") as tar:
         txt = {n[:-4]: tar.extractfile(n).read().decode() for n in tar.getnames() if n.endswith(".txt")}
-    table = pq.read_table(shards / "00000.parquet")
+    table = pq.read_table(shards / "_meta/00000.parquet")
     assert table.column("uid").to_pylist() == list(txt)
     assert table.column("caption").to_pylist() == list(txt.values())
 

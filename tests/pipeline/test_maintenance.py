@@ -73,11 +73,12 @@ def key(name: str) -> str:
 
 
 def shard_tables(shards: Path) -> dict[str, pa.Table]:
-    return {p.with_suffix(".tar").name: pq.read_table(p) for p in sorted(shards.glob("[0-9]*.parquet"))}
+    return {p.with_suffix(".tar").name: pq.read_table(p) for p in sorted(shards.glob("_meta/[0-9]*.parquet"))}
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file under ``folder`` by name (a shards folder's names are unique across _meta/ and _markers/)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def write_list(path: Path, column: str, values: list[str]) -> Path:
@@ -124,13 +125,13 @@ def test_subset_by_uids_copies_exactly_those_samples_byte_for_byte(source, tmp_p
         assert got == expected  # same names, sizes, header fields and bytes, in the same order
         assert Counter(n.rsplit(".", 1)[1] for n, *_ in got) == {"jpg": len(got) // 3, "txt": len(got) // 3,
                                                                 "json": len(got) // 3}
-        table = pq.read_table(out / out_name.replace(".tar", ".parquet"))
+        table = pq.read_table(out / "_meta" / out_name.replace(".tar", ".parquet"))
         assert table.column("uid").to_pylist() == list(dict.fromkeys(key(n) for n, *_ in got))
         source_rows = tables[src_name].to_pylist()
         assert table.to_pylist() == [r for r in source_rows if r["uid"] in chosen]
-    sizes = json.loads((out / "sizes.json").read_text())
+    sizes = json.loads((out / "_meta/sizes.json").read_text())
     assert sizes == {"00000.tar": len(first[::3]), "00001.tar": 5}
-    provenance = json.loads((out / "subset.json").read_text())
+    provenance = json.loads((out / "_meta/subset.json").read_text())
     assert (provenance["by"], provenance["exclude"], provenance["samples_out"]) == ("uid", False, len(chosen))
 
 
@@ -146,13 +147,13 @@ def test_subset_exclude_by_urls_keeps_everything_else(source, tmp_path, no_decod
     assert summary.samples_out == len(rows) - len(dropped) and summary.not_found == 0
     gone = {r["uid"] for r in dropped}
     out = tmp_path / "out"
-    sizes = json.loads((out / "sizes.json").read_text())
+    sizes = json.loads((out / "_meta/sizes.json").read_text())
     assert sizes == {name: tables[name].num_rows - sum(u in gone for u in tables[name].column("uid").to_pylist())
                      for name in sorted(tables)}
     for name in sizes:
         got = members(out / name)
         assert got == [m for m in members(shards / name) if key(m[0]) not in gone]
-        assert pq.read_table(out / name.replace(".tar", ".parquet")).column("uid").to_pylist() == \
+        assert pq.read_table(out / "_meta" / name.replace(".tar", ".parquet")).column("uid").to_pylist() == \
             [u for u in tables[name].column("uid").to_pylist() if u not in gone]
 
 
@@ -160,12 +161,14 @@ def test_subset_into_an_earlier_subset_replaces_it(source, tmp_path):
     out = tmp_path / "out"
     uids = shard_tables(source[0] / "shards")["00003.tar"].column("uid").to_pylist()
     subset(source[0], None, write_list(tmp_path / "u.txt", "url", ["http://nothing/"]), True, out)
-    assert len(list(out.glob("*.tar"))) == len(json.loads((source[0] / "shards/sizes.json").read_text()))
+    assert len(list(out.glob("*.tar"))) == len(json.loads((source[0] / "shards/_meta/sizes.json").read_text()))
 
     summary = subset(source[0], write_list(tmp_path / "uids.txt", "uid", uids[:3]), None, False, out)
 
     assert summary.shards_out == 1
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "sizes.json", "subset.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "__len__", "_meta"]
+    assert sorted(p.name for p in (out / "_meta").iterdir()) == ["00000.parquet", "sizes.json", "subset.json"]
+    assert (out / "__len__").read_text() == "3"
     assert [key(m[0]) for m in members(out / "00000.tar")][::3] == uids[:3]
     # a subset of a subset: the shards directory itself is a valid source
     again = subset(out, write_list(tmp_path / "one.txt", "uid", uids[:1]), None, False, tmp_path / "again")
@@ -230,7 +233,7 @@ def test_takedown_removes_exactly_the_listed_samples(run, tmp_path, no_decoding)
     before = {name: members(run / "shards" / name) for name in shard_tables(run / "shards")}
     tables = shard_tables(run / "shards")
     files = digests(run / "shards")
-    sizes = json.loads((run / "shards/sizes.json").read_text())
+    sizes = json.loads((run / "shards/_meta/sizes.json").read_text())
     images = image_keys(run)
     touched = {w for w in where.values() if w}
 
@@ -246,13 +249,14 @@ def test_takedown_removes_exactly_the_listed_samples(run, tmp_path, no_decoding)
             assert all(after[f"{stem}.{ext}"] == files[f"{stem}.{ext}"] for ext in ("tar", "parquet", "done.json"))
             continue
         assert members(run / "shards" / name) == [m for m in before[name] if key(m[0]) not in gone]
-        table = pq.read_table(run / "shards" / f"{stem}.parquet")
+        table = pq.read_table(run / "shards/_meta" / f"{stem}.parquet")
         assert table.to_pylist() == [r for r in tables[name].to_pylist() if r["uid"] not in gone]
-        done = json.loads((run / "shards" / f"{stem}.done.json").read_text())
+        done = json.loads((run / "shards/_markers" / f"{stem}.done.json").read_text())
         removed = sum(w == name for w in where.values())
         assert (done["kept"], done["dropped"]["takedown"]) == (table.num_rows, removed)
         sizes[name] -= removed
-    assert json.loads((run / "shards/sizes.json").read_text()) == sizes
+    assert json.loads((run / "shards/_meta/sizes.json").read_text()) == sizes
+    assert int((run / "shards/__len__").read_text()) == sum(sizes.values())  # open_clip's count follows
     # the stored images are gone too, the image filter's reject's included; every other image stays
     # (the duplicate the text filter dropped was never downloaded)
     assert image_keys(run) == images - gone and len(images & gone) == 5
@@ -369,7 +373,7 @@ def test_takedown_killed_midway_leaves_shards_whole_and_a_rerun_completes_it(run
         if not name.endswith(".done.json"):  # markers carry a fresh version id
             assert digest == done_right[name], name
     for name in (f"{one}.done.json", f"{two}.done.json"):
-        got, want = (json.loads((r / "shards" / name).read_text()) for r in (run, clean))
+        got, want = (json.loads((r / "shards/_markers" / name).read_text()) for r in (run, clean))
         assert (got["kept"], got["dropped"]) == (want["kept"], want["dropped"])
     assert digests(run / "download") == digests(clean / "download")
     logged = [json.loads(line)["uid"] for line in (run / "takedowns.jsonl").read_text().splitlines()]

@@ -118,8 +118,8 @@ def test_a_run_in_a_bucket_equals_the_same_run_on_disk(runs):
     assert shard_samples(remote_run) == shard_samples(root / "run")  # byte for byte
     report = verify_run(remote_run)
     assert report.ok, report.problems
-    sizes = as_path(f"{remote_run}/shards/sizes.json").read_text()
-    assert sizes == (root / "run/shards/sizes.json").read_text()
+    sizes = as_path(f"{remote_run}/shards/_meta/sizes.json").read_text()
+    assert sizes == (root / "run/shards/_meta/sizes.json").read_text()
 
 
 def test_a_rerun_in_a_bucket_resumes_and_does_nothing(runs):
@@ -146,7 +146,7 @@ def test_commands_read_and_maintain_a_run_in_a_bucket(runs, tmp_path):
     assert as_path(str(write_report(remote_run))).exists()
 
     # subset: from the bucket into the bucket, streaming, half of the samples by uid
-    kept = pq.read_table(io.BytesIO(as_path(f"{remote_run}/shards/00000.parquet").read_bytes()))
+    kept = pq.read_table(io.BytesIO(as_path(f"{remote_run}/shards/_meta/00000.parquet").read_bytes()))
     chosen = kept.column("uid").to_pylist()[::2]
     (tmp_path / "uids.txt").write_text("\n".join(chosen) + "\n")
     out = f"s3://{BUCKET}/subsets/half"

@@ -166,14 +166,14 @@ def test_numbers_match_the_catalog(reported):
     # CLIP score: the threshold the filter fitted; kept = rows at or above it
     (clip,) = context["clip"]
     threshold = json.loads(run.fit("clip_filter").read_text())["values"]["threshold"]
-    scores = pa.concat_tables([pq.read_table(p) for p in sorted(run.stage_dir("clip_score").glob("part-*.parquet"))])
+    scores = pa.concat_tables([pq.read_table(p) for p in run.parts("clip_score")])
     values = scores.column("clip_score").to_numpy()
     assert clip["threshold"] == f"{threshold:.4f}" and clip["n"] == len(values)
     assert clip["kept"] == int((values.astype(np.float32) >= np.float32(threshold)).sum())
 
     # balancing: before/after entry counts recomputed here from the balance parts with numpy
     (block,) = context["balance"]
-    parts = pa.concat_tables([pq.read_table(p) for p in sorted(run.stage_dir("balance").glob("part-*.parquet"))])
+    parts = pa.concat_tables([pq.read_table(p) for p in run.parts("balance")])
     matched = pc.list_flatten(parts.column("matched_entries")).to_numpy()
     kept_rows = pc.is_null(parts.column("reason"))
     kept_matched = pc.list_flatten(parts.column("matched_entries").filter(kept_rows)).to_numpy()
@@ -183,7 +183,7 @@ def test_numbers_match_the_catalog(reported):
     assert block["t"] == 10 and block["n_head"] == int(head.sum()) > 0 and block["total"] == len(matched)
     assert block["head_share_before"] == f"{100 * before[head].sum() / before.sum():.1f}%"
     assert block["head_share_after"] == f"{100 * after[head].sum() / after.sum():.1f}%"
-    entries = pq.read_table(run.stage_dir("balance") / "fit-counts.parquet").column("entry").to_pylist()
+    entries = pq.read_table(run.fit_table("balance", "counts")).column("entry").to_pylist()
     top = np.lexsort((np.arange(len(before)), -before))[: len(block["head"])]  # ties by entry id
     assert [(r["entry"], r["before"], r["after"]) for r in block["head"]] == [
         (entries[i], int(before[i]), int(after[i])) for i in top
@@ -191,7 +191,7 @@ def test_numbers_match_the_catalog(reported):
 
     # captions: every enriched caption counted, originals of the same rows before
     (captions,) = context["captions"]
-    enriched = pa.concat_tables([pq.read_table(p) for p in sorted(run.stage_dir("enrich").glob("part-*.parquet"))])
+    enriched = pa.concat_tables([pq.read_table(p) for p in run.parts("enrich")])
     n_enriched = enriched.num_rows - enriched.column("enriched_caption").null_count
     assert captions["kind"] == "enriched caption" and captions["n_before"] == captions["n_after"] == n_enriched
     assert len(captions["examples"]) == 6 and all(". tags: " in ex["new"][0] for ex in captions["examples"])
@@ -207,11 +207,11 @@ def test_sample_grid_shows_only_rows_with_images(reported):
         downloaded |= read_image_tar(tar)
     reasons = {}
     for label in ("image_filter", "clip_filter", "balance"):
-        for part in sorted(run.stage_dir(label).glob("part-*.parquet")):
+        for part in run.parts(label):
             for uid, reason in zip(*pq.read_table(part, columns=["uid", "reason"]).to_pydict().values()):
                 if reason is not None:
                     reasons[uid] = (label, reason)
-    kept = {uid for p in run.shards_dir.glob("[0-9]*.parquet") for uid in pq.read_table(p).column("uid").to_pylist()}
+    kept = {uid for p in run.shards.tables() for uid in pq.read_table(p).column("uid").to_pylist()}
     groups = {g["title"]: g for g in samples["groups"]}
     assert list(groups)[0] == "kept" and groups["kept"]["total"] == len(kept)
     # one group per (stage, reason) of rows dropped after download, with the catalog's counts

@@ -23,7 +23,7 @@ from pairsift.pipeline.catalog import funnel, query
 from pairsift.pipeline.config import parse_config
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.retry import TRANSIENT
-from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.run_dir import RunDir, shard_of
 from pairsift.pipeline.runner import run_pipeline
 from pairsift.pipeline.verify import verify_run
 
@@ -66,8 +66,7 @@ def config(root: Path, pool: Path, kind: str = "local") -> dict:
 
 
 def markers(run: RunDir, label: str) -> dict[int, str]:
-    return {int(p.name[5:10]): json.loads(p.read_text())["version"]
-            for p in run.stage_dir(label).glob("part-*.done.json")}
+    return {shard_of(p): json.loads(p.read_text())["version"] for p in run.done_markers(label)}
 
 
 def stage_funnel(root: Path) -> dict:
@@ -151,7 +150,7 @@ def test_retry_refetches_only_the_failed_rows_and_ends_where_a_clean_run_ends(se
     assert query(root / "run", "SELECT count(*) - count(DISTINCT uid) FROM shards")[1] == [(0,)]
     report = verify_run(root / "run")
     assert report.ok, report.problems
-    log = [json.loads(line) for line in (root / "run/download/retries.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (root / "run/download/_markers/retries.jsonl").read_text().splitlines()]
     assert [(e["shard"], e["rows_retried"], e["succeeded"]) for e in log] == \
         [(2, 2, 0), (0, 2, 2), (0, 2, 2), (2, 4, 4)]
     assert [e["by_reason"] for e in log] == [
@@ -169,8 +168,8 @@ def test_retry_refetches_only_the_failed_rows_and_ends_where_a_clean_run_ends(se
         assert pq.read_table(run.part("download", shard)).equals(
             pq.read_table(RunDir(clean / "run").part("download", shard)))
         assert run.images("download", shard).read_bytes() == RunDir(clean / "run").images("download", shard).read_bytes()
-    sizes = (root / "run/shards/sizes.json").read_text()
-    assert sizes == (clean / "run/shards/sizes.json").read_text()
+    sizes = (root / "run/shards/_meta/sizes.json").read_text()
+    assert sizes == (clean / "run/shards/_meta/sizes.json").read_text()
     for name in json.loads(sizes):
         assert (root / "run/shards" / name).read_bytes() == (clean / "run/shards" / name).read_bytes()
 

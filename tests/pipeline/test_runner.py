@@ -19,7 +19,7 @@ from toy_stages import TOY_STAGES
 from pairsift.pipeline.catalog import funnel, query
 from pairsift.pipeline.config import parse_config
 from pairsift.pipeline.errors import UserError
-from pairsift.pipeline.run_dir import RunDir
+from pairsift.pipeline.run_dir import RunDir, shard_of
 from pairsift.pipeline.runner import run_pipeline
 from pairsift.pipeline.verify import verify_run
 from pairsift.stages import STAGES
@@ -55,8 +55,8 @@ def config(tmp_path: Path, kind: str = "local", min_chars: int = 5, fraction: fl
 
 def versions(run: RunDir, label: str) -> dict[int, str]:
     out = {}
-    for marker in run.stage_dir(label).glob("part-*.done.json"):
-        out[int(marker.name[5:10])] = json.loads(marker.read_text())["version"]
+    for marker in run.done_markers(label):
+        out[shard_of(marker)] = json.loads(marker.read_text())["version"]
     return out
 
 
@@ -94,8 +94,8 @@ def test_ray_executor_gives_the_same_result_as_local(tmp_path, ray_local):
     run_pipeline(parse_config(config(ray_dir, "ray")))
     sql = "SELECT uid, caption_len, length_threshold, reason FROM samples ORDER BY uid"
     assert query(local_dir / "run", sql) == query(ray_dir / "run", sql)
-    assert json.loads((local_dir / "run/shards/sizes.json").read_text()) == \
-        json.loads((ray_dir / "run/shards/sizes.json").read_text())
+    assert json.loads((local_dir / "run/shards/_meta/sizes.json").read_text()) == \
+        json.loads((ray_dir / "run/shards/_meta/sizes.json").read_text())
 
 
 def test_rerun_skips_everything_and_config_change_redoes_only_later_stages(tmp_path):
@@ -190,9 +190,9 @@ def test_verify_catches_a_damaged_run(tmp_path):
     make_pool(tmp_path / "pool.parquet")
     run_pipeline(parse_config(config(tmp_path)))
     shards = tmp_path / "run" / "shards"
-    sizes = json.loads((shards / "sizes.json").read_text())
+    sizes = json.loads((shards / "_meta/sizes.json").read_text())
     sizes["00000.tar"] += 1
-    (shards / "sizes.json").write_text(json.dumps(sizes))
+    (shards / "_meta/sizes.json").write_text(json.dumps(sizes))
     (tmp_path / "run" / "caption_length" / "part-00003.parquet").unlink()
     problems = verify_run(tmp_path / "run").problems
     assert any("sizes.json says" in p for p in problems)
@@ -244,8 +244,8 @@ def test_an_ablation_reuses_the_finished_prefix_and_recomputes_the_rest(tmp_path
     assert versions(variant, "caption_length") == first  # reused, not recomputed
     assert not variant.stage_dir("top_fraction").exists()
     kept = {s.label: s for s in funnel(tmp_path / "variant")}["caption_length"].kept
-    assert sum(json.loads((tmp_path / "variant/shards/sizes.json").read_text()).values()) == 0  # toy: no images
-    assert json.loads((tmp_path / "variant/shards/00000.done.json").read_text())["rows_in"] == min(kept, 50)
+    assert sum(json.loads((tmp_path / "variant/shards/_meta/sizes.json").read_text()).values()) == 0  # toy: no images
+    assert json.loads((tmp_path / "variant/shards/_markers/00000.done.json").read_text())["rows_in"] == min(kept, 50)
     assert verify_run(tmp_path / "variant").ok
     # the original run is untouched by the variant's writes (atomic renames replace, never write through)
     assert versions(RunDir(tmp_path / "run"), "caption_length") == first and verify_run(tmp_path / "run").ok

@@ -53,6 +53,17 @@ def test_expand_shards_accepts_dir_braces_and_reports_missing(corpus):
         expand_shards(str(corpus / "train" / "{00000..00009}.tar"))
 
 
+def test_shard_sizes_read_a_pairsift_runs_meta_sizes_without_indexing_the_tars(tmp_path):
+    """A run's shards folder keeps sizes.json in _meta/ (out of webdataset readers' way): it is the
+    count used, not the tars' (empty files here, so indexing them would count 0)."""
+    shards = tmp_path / "shards"
+    (shards / "_meta").mkdir(parents=True)
+    for name in ("00000.tar", "00001.tar"):
+        (shards / name).write_bytes(b"")
+    (shards / "_meta" / "sizes.json").write_text(json.dumps({"00000.tar": 7, "00001.tar": 5}))
+    assert shard_sizes(expand_shards(str(shards))) == [7, 5]
+
+
 def test_uniform_caption_draws_are_laclip_uniform_over_every_caption():
     caps = captions_of({"caption": "alt", "rewrites": ["r1", "r2", "r3"], "enriched_caption": "enr"}, None)
     cfg = CaptionConfig(strategy="uniform")
