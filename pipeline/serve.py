@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+from pairsift.common import ray_local
 from pairsift.pipeline.errors import UserError
 
 CONTENT_TYPES = {
@@ -41,12 +42,8 @@ def _loopback(host: str) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (bind to port 0, read it back, release it)."""
-    host = _loopback(host)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on the loopback ``host`` right now."""
+    return ray_local.free_port(_loopback(host))
 
 
 class _Handler(SimpleHTTPRequestHandler):

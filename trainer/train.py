@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pairsift.common import ray_local
+from pairsift.common.ray_local import free_port
 from pairsift.configs import TINY_MODEL as TINY_MODEL_PATH
 from pairsift.trainer.config import ConfigError, TrainConfig, build_config
 from pairsift.trainer.data import (
@@ -491,19 +492,13 @@ def train_on_shards(shards: str | Path, out: str | Path, steps: int, batch_size:
     return train(build_config(raw))
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _launch_torchrun(cfg: TrainConfig, resume: bool) -> TrainResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "launch-config.json"
     _atomic_write(cfg_file, cfg.model_dump_json())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(cfg.nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "pairsift.trainer.train", str(cfg_file)] + (["--resume"] if resume else [])
     env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
     if cfg.threads:
@@ -531,16 +526,13 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
 
 
 def _launch_ray(cfg: TrainConfig, resume: bool) -> TrainResult:
-    import ray
+    try:  # before ray is imported: the auth mode is read at import
+        ray_local.start_ray(cfg.ray.address, cfg.ray.auth_mode, node_ip=cfg.ray.node_ip)
+    except ray_local.RayAuthError as exc:
+        raise ConfigError(str(exc)) from None
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address)
-        else:  # loopback only: plain ray.init() would bind to the machine's network address
-            ray.init(_node_ip_address=cfg.ray.node_ip, include_dashboard=False)
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     cfg = absolute_paths(cfg)  # Ray workers run in their own directories
     out = Path(cfg.out)
