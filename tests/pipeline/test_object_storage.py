@@ -78,6 +78,7 @@ def _wait_for(port: int, timeout: float = 30.0) -> None:
 def spine(run_dir: str, urls: str, executor: str):
     data = yaml.safe_load((CONFIGS_DIR / "demo.yaml").read_text())
     data["stages"] = [s for s in data["stages"] if s["stage"] in ("text_filter", "download", "image_filter")]
+    next(s for s in data["stages"] if s["stage"] == "download")["allow_loopback"] = True  # as `demo` sets it
     data.update(run_dir=run_dir, shards={"samples_per_shard": 50}, executor={"kind": executor})
     data["input"].update(path=urls, shard_size=80)
     return parse_config(data)
