@@ -1,63 +1,45 @@
 """A local Ray is closed to every process without this run's token, and secrets never enter its tables.
 
 The Ray is the session one, started by ``start_ray`` exactly as ``pairsift run`` starts it. Its
-GCS listens on every interface, so an outsider dials it through 127.0.0.3, an address nobody
-configured (never 127.0.0.1: Ray rewrites that to the machine's network address).
+GCS listens on every interface, so an outsider dials it through 127.0.0.3 (tests/ray_outsider.py).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
-import subprocess
-import sys
 import time
 
 import pytest
-from cluster_stages import descendants, process_table
+from ray_outsider import (
+    EVERY_INTERFACE,
+    JOIN,
+    KV_NAMESPACE,
+    NO_TOKEN,
+    READ_KV,
+    WRONG_TOKEN,
+    current_gcs_port,
+    listeners,
+    outsider,
+    with_token,
+)
 
 from pairsift.common import ray_local
 from pairsift.pipeline.config import ExecutorConfig, RayConfig
 from pairsift.pipeline.executor import Job, RayExecutor, WorkerSpec
-
-OUTSIDER = "127.0.0.3"
-KV_NAMESPACE = b"pairsift_security_test"
-
-# An outsider reads the internal KV through the GCS client, or joins as a driver and runs a task.
-READ_KV = """
-import sys
-from ray._raylet import GcsClient
-print("VALUE", GcsClient(address=sys.argv[1]).internal_kv_get(b"probe", sys.argv[2].encode(), timeout=10))
-"""
-JOIN = """
-import os, sys, ray
-ray.init(address=sys.argv[1], _node_ip_address="127.0.0.2", logging_level="ERROR")
-print("VALUE", ray.get(ray.remote(lambda: os.environ.get("RAY_AUTH_MODE")).remote()))
-"""
-
-
-def outsider(script: str, gcs_port: int, auth: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | auth
-    return subprocess.run([sys.executable, "-c", script, f"{OUTSIDER}:{gcs_port}", KV_NAMESPACE.decode()],
-                          env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def gcs_port(ray_local):
     from ray.experimental import internal_kv
 
-    internal_kv._internal_kv_put(b"probe", b"driver-wrote-this", namespace=KV_NAMESPACE)
-    return int(ray_local.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+    internal_kv._internal_kv_put(b"probe", b"driver-wrote-this", namespace=KV_NAMESPACE.encode())
+    return current_gcs_port()
 
 
 def test_a_local_ray_runs_with_token_auth_and_a_fresh_random_token(ray_local):
     assert os.environ["RAY_AUTH_MODE"] == "token"
     assert len(os.environ["RAY_AUTH_TOKEN"]) == 64  # secrets.token_hex(32): 256 bits
-
-
-NO_TOKEN = {"RAY_AUTH_MODE": "disabled"}
-WRONG_TOKEN = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
 
 
 @pytest.mark.parametrize("auth", [NO_TOKEN, WRONG_TOKEN], ids=["no-token", "wrong-token"])
@@ -73,37 +55,22 @@ def test_an_outsider_without_the_token_cannot_join_as_a_driver(gcs_port):
 
 
 def test_with_the_token_the_same_outsider_reads_the_kv_and_joins(gcs_port):
-    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]}
+    token = with_token()
     read = outsider(READ_KV, gcs_port, token)
     assert "VALUE b'driver-wrote-this'" in read.stdout, read.stderr[-2000:]
     joined = outsider(JOIN, gcs_port, token)
     assert "VALUE token" in joined.stdout, joined.stderr[-2000:]  # the workers got the mode by inheritance
 
 
-def ray_listeners() -> list[tuple[str, str, int]]:
-    """(process name, address, port) of every TCP socket listening in the Ray this process started,
-    from ``ss -ltnp`` (address ``*`` is every interface, IPv4 and IPv6)."""
-    mine = descendants({os.getpid()}, process_table()) - {os.getpid()}
-    rows = set()
-    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines():
-        local = line.split()[3]
-        for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line):
-            if int(pid) in mine:
-                ip, port = local.rsplit(":", 1)
-                rows.add((name, ip.strip("[]"), int(port)))
-    return sorted(rows)
-
-
 def test_what_listens_where_during_a_local_run(ray_local, gcs_port):
     """The README's table. The GCS, raylet and core workers listen on every interface (Ray 2.60
     offers no loopback-only bind): token auth, checked above, is what closes them."""
-    listeners = ray_listeners()
-    print("\n".join(f"{name:24} {ip:>10}:{port}" for name, ip, port in listeners))
-    by_port = {port: (name, ip) for name, ip, port in listeners}
-    assert by_port[gcs_port][0] == "gcs_server"
-    wildcard = {name for name, ip, _ in listeners if ip in ("*", "0.0.0.0", "::")}
-    assert {"gcs_server", "raylet"} <= wildcard
-    assert all(ip in ("*", "0.0.0.0", "::") or ip.startswith("127.") for _, ip, _ in listeners)
+    found = sorted(listeners())
+    print("\n".join(f"{name:24} {ip:>10}:{port}" for name, _, ip, port in found))
+    by_port = {port: name for name, _, _, port in found}
+    assert by_port[gcs_port] == "gcs_server"
+    assert {"gcs_server", "raylet"} <= {name for name, _, ip, _ in found if ip in EVERY_INTERFACE}
+    assert all(ip in EVERY_INTERFACE or ip.startswith("127.") for _, _, ip, _ in found)
 
 
 def env_reader() -> type:
