@@ -6,11 +6,14 @@ GCS listens on every interface, so an outsider dials it through 127.0.0.3 (tests
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import subprocess
 import time
 
 import pytest
+from cluster_stages import cli_argv
 from ray_outsider import (
     EVERY_INTERFACE,
     JOIN,
@@ -25,6 +28,7 @@ from ray_outsider import (
 )
 
 from pairsift.common import ray_local
+from pairsift.pipeline.catalog import funnel
 from pairsift.pipeline.config import ExecutorConfig, RayConfig
 from pairsift.pipeline.executor import Job, RayExecutor, WorkerSpec
 
@@ -143,3 +147,39 @@ def test_joining_keeps_the_users_exported_token(ray_untouched):
     ray_local.prepare_join_auth(None)
     ray_local.prepare_local_auth("token")
     assert os.environ["RAY_AUTH_TOKEN"] == "users-own-token"
+
+
+def cli_run(tmp_path, auth: dict[str, str]) -> subprocess.CompletedProcess:
+    """``pairsift run`` of a small text-only pool on a Ray of its own, with ``auth`` exported: Ray tasks
+    (the toy caption-length stage) and an actor pool (its top-fraction stage, stateful like download)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"url": f"http://127.0.0.1:1/{i}.jpg", "caption": f"a photo of thing number {i}"} for i in range(200)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pool.parquet")
+    config = {"run_dir": str(tmp_path / "run"), "input": {"path": str(tmp_path / "pool.parquet"), "shard_size": 100},
+              "executor": {"kind": "ray"}, "ray": {"num_cpus": 1},
+              "stages": [{"stage": "caption_length", "min_chars": 5},
+                         {"stage": "top_fraction", "fraction": 0.5}]}
+    (tmp_path / "run.yaml").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))} | auth
+    return subprocess.run(cli_argv("run", str(tmp_path / "run.yaml")), env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_local_run_works_under_an_exported_token_mode(tmp_path):
+    """Ray's documentation tells token users to export RAY_AUTH_MODE=token: a local run then starts
+    its Ray with that mode and a fresh token (before: "Actor creation cancelled", exit 1)."""
+    result = cli_run(tmp_path, {"RAY_AUTH_MODE": "token"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = {s.label: s.kept for s in funnel(tmp_path / "run")}
+    # top half by caption length, ties kept: 100 captions of 27 chars, 90 of 26 (the threshold), 10 of 25
+    assert (kept["caption_length"], kept["top_fraction"]) == (200, 190)
+
+
+def test_a_local_run_under_an_exported_disabled_mode_is_refused_in_one_line(tmp_path):
+    result = cli_run(tmp_path, {"RAY_AUTH_MODE": "disabled"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "set ray.auth_mode: disabled in the config" in errors[0]
+    assert result.stderr.strip().endswith(errors[0])  # ingest's progress bars, then the one line
