@@ -39,7 +39,8 @@ class InputConfig(Strict):
 
 class RayConfig(Strict):
     address: str | None = Field(None, description="join this cluster; None starts Ray locally")
-    node_ip: str = Field("127.0.0.2", description="loopback address a local Ray binds to")
+    node_ip: str = Field("127.0.0.2", description="loopback address a local Ray advertises (its ports listen on "
+                                                  "every interface: token auth is what closes them)")
     num_cpus: int | None = Field(None, gt=0)
     # A local Ray always gets a mode (token unless disabled here explicitly), never whatever an
     # earlier run's ~/.ray/auth_token implies. Joining a cluster, None uses the exported RAY_AUTH_MODE.
