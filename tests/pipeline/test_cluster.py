@@ -1,12 +1,13 @@
 """A real multi-node Ray cluster on one machine: a head on 127.0.0.2, workers on 127.0.0.3 and .4.
 
-Each node is its own ``ray start`` with its own temp dir, ports and custom resource, with token
-auth explicitly off. The demo's download path, submitted with ``ray job submit``, must give exactly
-what a local run gives; Ray's own task records (its state API) show that both worker nodes did work.
-Then a driver joins by ``--address`` and a worker node is killed mid-run (its raylet and workers, by
-pid) while a ``trace`` stage records where each shard runs: the run ends on the other nodes with
-every shard exactly once, equal to a local run. Only the processes these tests start are stopped, by id
-(``ray stop`` would end every Ray on the machine), and the module checks that none is left.
+Each node is its own ``ray start`` with its own temp dir, ports and custom resource, with token auth on
+every process and one token, as a cluster operator must set it up. The demo's download path, submitted
+with ``ray job submit``, must give exactly what a local run gives; Ray's own task records (its state
+API) show that both worker nodes did work. Then a driver joins by ``--address`` and a worker node is
+killed mid-run (its raylet and workers, by pid) while a ``trace`` stage records where each shard runs:
+the run ends on the other nodes with every shard exactly once, equal to a local run. Only the processes
+these tests start are stopped, by id (``ray stop`` would end every Ray on the machine), and the module
+checks that none is left.
 """
 
 from __future__ import annotations
