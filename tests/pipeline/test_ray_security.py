@@ -28,6 +28,7 @@ from ray_outsider import (
 )
 
 from pairsift.common import ray_local
+from pairsift.common.storage import storage_env
 from pairsift.pipeline.catalog import funnel
 from pairsift.pipeline.config import ExecutorConfig, RayConfig
 from pairsift.pipeline.executor import Job, RayExecutor, WorkerSpec
@@ -183,3 +184,16 @@ def test_a_local_run_under_an_exported_disabled_mode_is_refused_in_one_line(tmp_
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "set ray.auth_mode: disabled in the config" in errors[0]
     assert result.stderr.strip().endswith(errors[0])  # ingest's progress bars, then the one line
+
+
+def test_only_non_secret_storage_settings_are_forwarded(monkeypatch):
+    for name in [k for k in os.environ if k.startswith(("AWS_", "GOOGLE_", "GCS_", "AZURE_", "FSSPEC_"))]:
+        monkeypatch.delenv(name)
+    settings = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+                "AWS_SHARED_CREDENTIALS_FILE": "/etc/pairsift/aws", "GOOGLE_APPLICATION_CREDENTIALS": "/etc/gcs.json"}
+    secret_settings = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t",
+                "AZURE_STORAGE_CONNECTION_STRING": "AccountKey=k", "AZURE_STORAGE_KEY": "k", "GCS_TOKEN": "t",
+                "FSSPEC_S3_SECRET": "s", "AWS_ENDPOINT_URL_S3": "http://user:pass@127.0.0.1:9000"}
+    for name, value in (settings | secret_settings).items():
+        monkeypatch.setenv(name, value)
+    assert storage_env() == settings
