@@ -122,7 +122,9 @@ def test_storage_secrets_never_enter_rays_tables(ray_local, monkeypatch):
 
 @pytest.fixture
 def ray_untouched(monkeypatch):
-    """Auth decisions only: the session Ray's cached token must not be reset under it."""
+    """Auth decisions only, in a private copy of the environment: the session Ray's mode, token and
+    cached config must not change under it."""
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     monkeypatch.setattr(ray_local, "_refresh_imported_ray", lambda: None)
     return monkeypatch
 
@@ -132,6 +134,15 @@ def test_an_exported_disabled_mode_is_refused_for_a_local_ray(ray_untouched):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(ray_local.RayAuthError, match="ray.auth_mode: disabled"):
         ray_local.prepare_local_auth(None)
+
+
+def test_disabled_in_the_config_is_an_explicit_opt_out_with_a_warning(ray_untouched, capsys):
+    monkeypatch = ray_untouched
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert ray_local.prepare_local_auth("disabled") == "disabled"
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN" not in os.environ
+    assert capsys.readouterr().err.startswith("warning: ray.auth_mode is disabled")
 
 
 def test_a_config_contradicting_the_exported_mode_is_refused(ray_untouched):
