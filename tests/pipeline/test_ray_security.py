@@ -68,8 +68,8 @@ def test_with_the_token_the_same_outsider_reads_the_kv_and_joins(gcs_port):
 
 
 def test_what_listens_where_during_a_local_run(ray_local, gcs_port):
-    """The README's table. The GCS, raylet and core workers listen on every interface (Ray 2.60
-    offers no loopback-only bind): token auth, checked above, is what closes them."""
+    """The README's table. The GCS, raylet and core workers listen on every interface (no Ray 2.60
+    setting found binds them to loopback): token auth, checked above, is what closes them."""
     found = sorted(listeners())
     print("\n".join(f"{name:24} {ip:>10}:{port}" for name, _, ip, port in found))
     by_port = {port: name for name, _, _, port in found}
