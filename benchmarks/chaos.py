@@ -38,7 +38,6 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 # Ray workers inherit this process's environment: they must import the test stages too.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) calls home otherwise
-os.environ["RAY_AUTH_MODE"] = "disabled"  # explicit: ~/.ray/auth_token would otherwise turn token auth on
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -56,6 +55,7 @@ from cluster_stages import (  # noqa: E402
 )
 from toy_stages import TOY_STAGES  # noqa: E402
 
+from pairsift.common import ray_local  # noqa: E402
 from pairsift.pipeline.catalog import query  # noqa: E402
 from pairsift.pipeline.config import parse_config  # noqa: E402
 from pairsift.pipeline.runner import run_pipeline  # noqa: E402
@@ -221,11 +221,11 @@ def main() -> None:
     parser.add_argument("--download-rows", type=int, default=1200, help="synthetic web rows (100 per shard)")
     args = parser.parse_args()
 
+    # pairsift's local Ray (token auth; the drivers it starts inherit the token), but without
+    # workers' log lines (each kill prints one) over the table
+    ray_local.start_ray(None, None, num_cpus=2, log_to_driver=False, logging_level="ERROR")
     import ray
 
-    # start_ray's local Ray, but without workers' log lines (each kill prints one) over the table
-    ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, num_cpus=2, log_to_driver=False,
-             logging_level="ERROR")
     work = Path(tempfile.mkdtemp(prefix="pairsift-chaos-"))
     try:
         address, raylet = ray.get_runtime_context().gcs_address, our_raylet()

@@ -49,14 +49,20 @@ def as_path(location: str | os.PathLike | AnyPath) -> AnyPath:
         raise ValueError(f"{text}: {str(exc).splitlines()[0]}") from None
 
 
-# What object-store clients read their endpoint and credentials from.
-_STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "FSSPEC_")
+# Object-store settings that are safe to hand to Ray (it stores them in its tables): where to
+# connect and where credentials live, never the credentials themselves (keys, tokens, connection
+# strings, FSSPEC_* options). Local workers inherit the rest from the driver; cluster nodes get
+# their credentials from their own role or workload identity.
+_NON_SECRET_STORAGE_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+                           "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED",
+                           "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "AZURE_STORAGE_ACCOUNT_NAME")
 
 
 def storage_env() -> dict[str, str]:
-    """The driver's object-store settings, for the workers it starts (a local Ray's workers do not
-    inherit variables set after Ray started; on clusters with node roles this is simply empty)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(_STORAGE_ENV_PREFIXES)}
+    """The driver's non-secret object-store settings, for the workers it starts (a local Ray's
+    workers do not inherit variables set after Ray started)."""
+    return {k: v for k, v in os.environ.items()
+            if k in _NON_SECRET_STORAGE_ENV or (k.startswith("AWS_ENDPOINT_URL") and "@" not in v)}
 
 
 def is_remote(path: AnyPath) -> bool:

@@ -43,11 +43,14 @@ class InputConfig(Strict):
 
 class RayConfig(Strict):
     address: str | None = Field(None, description="join this cluster; None starts Ray locally")
-    node_ip: str = Field("127.0.0.2", description="loopback address a local Ray binds to")
+    node_ip: str = Field("127.0.0.2", description="loopback address a local Ray advertises (its ports listen on "
+                                                  "every interface: token auth is what closes them)")
     num_cpus: int | None = Field(None, gt=0)
-    # Explicit, because Ray turns token auth on by itself when ~/.ray/auth_token exists and the
-    # variable is unset: then a run would work or fail depending on what an earlier run left behind.
-    auth_mode: Literal["disabled", "token"] = "disabled"
+    # A local Ray always gets a mode (token unless disabled here explicitly), never whatever an
+    # earlier run's ~/.ray/auth_token implies. Joining a cluster, None uses the exported RAY_AUTH_MODE.
+    auth_mode: Literal["disabled", "token"] | None = Field(
+        None, description="None: token auth with a fresh token for a local Ray; the exported RAY_AUTH_MODE "
+                          "when joining. disabled: an explicit opt-out (anyone on the machine can use the Ray)")
 
 
 class ExecutorConfig(Strict):

@@ -181,6 +181,7 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "r
             "input.shard_size": plan.shard_size, "executor.kind": executor,
             "stages.clip_score.model": str(filter_net), "stages.balance.metadata": str(corpus / "metadata.txt"),
             "stages.balance.seed": seed,
+            "stages.download.allow_loopback": True,  # its own web on 127.0.0.1; never in the preset
         })
         run = run_pipeline(cfg)
     print_summary(run)

@@ -16,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pairsift.common import ray_local
 from pairsift.common.storage import storage_env
 from pairsift.pipeline.config import ExecutorConfig, RayConfig
+from pairsift.pipeline.errors import UserError
 from pairsift.stages.base import Resources
 
 
@@ -101,24 +103,13 @@ class _Actor:
 
 
 def start_ray(cfg: RayConfig) -> None:
-    """Join ``cfg.address`` (or ``RAY_ADDRESS``), or start Ray on this machine bound to loopback.
-
-    ``ray job submit`` runs its entrypoint with ``RAY_ADDRESS`` set: a ``pairsift run`` submitted as
-    a job joins that cluster even without ``--address``, rather than starting a Ray of its own (with
-    local-only arguments that joining would refuse). Plain ``ray.init()`` binds to the machine's
-    network address, and Ray rewrites 127.0.0.1 to it: any other loopback address (127.0.0.2 by
-    default) keeps the local run off the network."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ["RAY_AUTH_MODE"] = cfg.auth_mode
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
-    else:
-        ray.init(_node_ip_address=cfg.node_ip, include_dashboard=False, num_cpus=cfg.num_cpus,
-                 logging_level="WARNING", configure_logging=True)
+    """Join ``cfg.address`` (or ``RAY_ADDRESS``), or start a token-protected Ray on loopback
+    (``pairsift.common.ray_local`` says why and how)."""
+    try:
+        ray_local.start_ray(cfg.address, cfg.auth_mode, node_ip=cfg.node_ip, num_cpus=cfg.num_cpus,
+                            logging_level="WARNING", configure_logging=True)
+    except ray_local.RayAuthError as exc:
+        raise UserError(str(exc)) from None
 
 
 class RayExecutor:
@@ -149,7 +140,9 @@ class RayExecutor:
                 "set gpus: 0 to run it on CPU"
             )
         options: dict[str, Any] = {"num_cpus": spec.resources.cpus, "num_gpus": spec.resources.gpus}
-        if forwarded := storage_env():  # workers write the same bucket with the driver's endpoint and keys
+        # Only non-secret settings (endpoint, region, credential file paths): runtime_env is stored in
+        # Ray's tables, readable through the state API. Keys reach local workers by inheritance.
+        if forwarded := storage_env():
             options["runtime_env"] = {"env_vars": forwarded}
         n_workers = min(len(jobs), self._capacity(spec.resources))
         queue = list(jobs)

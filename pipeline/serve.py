@@ -3,7 +3,8 @@
     with serve(corpus_dir, port=port) as server:   # port from free_port(), also given to synthesize
         download(server.url + "/img/...")
 
-Only loopback hosts are accepted: the corpus is test data and nothing else should reach it.
+Only loopback hosts are accepted: the corpus is test data and nothing else should reach it; a
+symlink is served only while it points inside `web/`.
 Missing files and directories answer 404; nothing is logged per request.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+from pairsift.common import ray_local
 from pairsift.pipeline.errors import UserError
 
 CONTENT_TYPES = {
@@ -28,8 +30,12 @@ CONTENT_TYPES = {
 }
 
 
+class NotLoopback(UserError, ValueError):
+    """A host that is not a loopback address (the CLI prints it as one line and exits 2)."""
+
+
 def _loopback(host: str) -> str:
-    """The host if it is a loopback address ("localhost" means 127.0.0.1); ValueError otherwise."""
+    """The host if it is a loopback address ("localhost" means 127.0.0.1); NotLoopback otherwise."""
     if host == "localhost":
         return "127.0.0.1"
     try:
@@ -37,16 +43,17 @@ def _loopback(host: str) -> str:
             return host
     except ValueError:
         pass
-    raise ValueError(f"refusing to serve on {host!r}: only loopback addresses (127.0.0.0/8, ::1) are allowed")
+    raise NotLoopback(f"refusing to serve on {host!r}: only loopback addresses (127.0.0.0/8, ::1) are allowed")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (bind to port 0, read it back, release it)."""
-    host = _loopback(host)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on the loopback ``host`` right now."""
+    return ray_local.free_port(_loopback(host))
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path``, every symlink resolved, lies in ``directory``."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(directory))
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -54,8 +61,10 @@ class _Handler(SimpleHTTPRequestHandler):
     extensions_map: ClassVar[dict[str, str]] = {**SimpleHTTPRequestHandler.extensions_map, **CONTENT_TYPES}
 
     def send_head(self) -> Any:
-        # A directory is not a resource of the fake web: no listings, no redirect to "dir/".
-        if os.path.isdir(self.translate_path(self.path)):
+        # A directory is not a resource of the fake web: no listings, no redirect to "dir/". A
+        # symlink is followed only while it stays inside the served folder.
+        path = self.translate_path(self.path)
+        if os.path.isdir(path) or not _inside(path, self.directory):
             self.send_error(404, "Not found")
             return None
         return super().send_head()

@@ -21,13 +21,14 @@ RAY_NODE_IP = "127.0.0.2"  # plain ray.init() binds to the network address; any 
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """Start Ray once per test session (about 4 s), small and on loopback."""
-    import ray
-
+    """Start Ray once per test session (about 4 s), small, on loopback and as pairsift does: with
+    token auth and a fresh token, exported before ``ray`` is imported."""
     from pairsift.pipeline.config import RayConfig
     from pairsift.pipeline.executor import start_ray
 
     start_ray(RayConfig(node_ip=RAY_NODE_IP, num_cpus=2))
+    import ray
+
     yield ray
     ray.shutdown()
 

@@ -62,7 +62,9 @@ class EvalConfig(Strict):
 class RayLaunch(Strict):
     address: str | None = Field(None, description="join this Ray cluster; None starts Ray on loopback")
     node_ip: str = "127.0.0.2"
-    auth_mode: Literal["disabled", "token"] = "disabled"
+    auth_mode: Literal["disabled", "token"] | None = Field(
+        None, description="None: token auth with a fresh token for a local Ray, the exported RAY_AUTH_MODE "
+                          "when joining; disabled: an explicit opt-out")
 
 
 class TrainConfig(Strict):

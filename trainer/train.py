@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pairsift.common import ray_local
 from pairsift.common.storage import atomic_path, write_atomic
 from pairsift.configs import TINY_MODEL as TINY_MODEL_PATH
 from pairsift.trainer.config import ConfigError, TrainConfig, build_config
@@ -491,27 +492,45 @@ def train_on_shards(shards: str | Path, out: str | Path, steps: int, batch_size:
     return train(build_config(raw))
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _launch_torchrun(cfg: TrainConfig, resume: bool) -> TrainResult:
+    """``nproc`` ranks on this machine with torchrun's environment (env:// rendezvous), around a
+    TCPStore hosted here on a socket bound to 127.0.0.1. torchrun itself is not used: its agent's
+    store listens on every interface whatever --master_addr, --rdzv-endpoint, --local-addr or
+    --standalone say (torch 2.14), and anyone reaching that unauthenticated store can join or
+    disrupt the run."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "launch-config.json"
     _atomic_write(cfg_file, cfg.model_dump_json())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(cfg.nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "pairsift.trainer.train", str(cfg_file)] + (["--resume"] if resume else [])
-    env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    if cfg.threads:
-        env["OMP_NUM_THREADS"] = str(cfg.threads)
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun training failed with exit code {proc.returncode}")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, cfg.nproc, True, wait_for_workers=False,
+                          master_listen_fd=listener.detach())  # the store owns the socket now
+    env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), WORLD_SIZE=str(cfg.nproc), LOCAL_WORLD_SIZE=str(cfg.nproc),
+               TORCHELASTIC_USE_AGENT_STORE="True")  # ranks are clients of this store, none hosts one
+    env["OMP_NUM_THREADS"] = str(cfg.threads) if cfg.threads else os.environ.get("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "pairsift.trainer.train", str(cfg_file)] + (["--resume"] if resume else [])
+    ranks = [subprocess.Popen(cmd, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(cfg.nproc)]
+    code = _wait_for_ranks(ranks)
+    del store
+    if code != 0:
+        raise RuntimeError(f"torchrun training failed with exit code {code}")
     return TrainResult.load(out)
+
+
+def _wait_for_ranks(ranks: list[subprocess.Popen]) -> int:
+    """Wait for every rank; once one fails, stop the others (they would wait for it forever)."""
+    while any(rank.poll() is None for rank in ranks):
+        if any(rank.returncode for rank in ranks):
+            for rank in ranks:
+                if rank.poll() is None:
+                    rank.terminate()
+            for rank in ranks:
+                rank.wait()
+            break
+        time.sleep(0.2)
+    return next((rank.returncode for rank in ranks if rank.returncode), 0)
 
 
 def _ray_loop(config: dict[str, Any]) -> None:
@@ -531,16 +550,13 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
 
 
 def _launch_ray(cfg: TrainConfig, resume: bool) -> TrainResult:
-    import ray
+    try:  # before ray is imported: the auth mode is read at import
+        ray_local.start_ray(cfg.ray.address, cfg.ray.auth_mode, node_ip=cfg.ray.node_ip)
+    except ray_local.RayAuthError as exc:
+        raise ConfigError(str(exc)) from None
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address)
-        else:  # loopback only: plain ray.init() would bind to the machine's network address
-            ray.init(_node_ip_address=cfg.ray.node_ip, include_dashboard=False)
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     cfg = absolute_paths(cfg)  # Ray workers run in their own directories
     out = Path(cfg.out)

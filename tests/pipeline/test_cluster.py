@@ -1,12 +1,13 @@
 """A real multi-node Ray cluster on one machine: a head on 127.0.0.2, workers on 127.0.0.3 and .4.
 
-Each node is its own ``ray start`` with its own temp dir, ports and custom resource, with token
-auth explicitly off. The demo's download path, submitted with ``ray job submit``, must give exactly
-what a local run gives; Ray's own task records (its state API) show that both worker nodes did work.
-Then a driver joins by ``--address`` and a worker node is killed mid-run (its raylet and workers, by
-pid) while a ``trace`` stage records where each shard runs: the run ends on the other nodes with
-every shard exactly once, equal to a local run. Only the processes these tests start are stopped, by id
-(``ray stop`` would end every Ray on the machine), and the module checks that none is left.
+Each node is its own ``ray start`` with its own temp dir, ports and custom resource, with token auth on
+every process and one token, as a cluster operator must set it up. The demo's download path, submitted
+with ``ray job submit``, must give exactly what a local run gives; Ray's own task records (its state
+API) show that both worker nodes did work. Then a driver joins by ``--address`` and a worker node is
+killed mid-run (its raylet and workers, by pid) while a ``trace`` stage records where each shard runs:
+the run ends on the other nodes with every shard exactly once, equal to a local run. Only the processes
+these tests start are stopped, by id (``ray stop`` would end every Ray on the machine), and the module
+checks that none is left.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +34,7 @@ from cluster_stages import (
     temp_files,
 )
 
+from pairsift.common import ray_local
 from pairsift.pipeline.config import load_config, parse_config
 from pairsift.pipeline.runner import run_pipeline
 from pairsift.pipeline.serve import serve
@@ -50,9 +51,7 @@ WORKERS = {"w1": "127.0.0.3", "w2": "127.0.0.4"}
 
 def free_port() -> int:
     """A port free on every address: Ray's GCS and raylets listen on all of them."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
+    return ray_local.free_port("0.0.0.0")
 
 
 class LocalCluster:
@@ -67,7 +66,9 @@ class LocalCluster:
 
     def env(self, label: str = "driver") -> dict[str, str]:
         return os.environ | {
-            "RAY_AUTH_MODE": "disabled",  # ~/.ray/auth_token may exist: never depend on it
+            # Token auth on every process of every node, as a cluster operator must set it up
+            # (ray_local exported mode and token into this process's environment before the start).
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"],
             "RAY_USAGE_STATS_ENABLED": "0",
             "NO_ALBUMENTATIONS_UPDATE": "1",
             "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),  # workers import the test stages
@@ -130,10 +131,11 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="psc-", dir="/tmp"))
     cluster = LocalCluster(root)
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("RAY_AUTH_MODE", "disabled")  # this process reads the head's state API too
-            cluster.start()
-            yield cluster
+        # this process reads the head's state API too: the same mode and token as the nodes (and as
+        # a session Ray this process may already have started)
+        ray_local.prepare_local_auth(None)
+        cluster.start()
+        yield cluster
     finally:
         left = cluster.stop()
         table = process_table()
@@ -172,9 +174,7 @@ def download_config(root: Path, corpus: Path, name: str) -> Path:
 def corpus(tmp_path_factory):
     """A small synthetic web served on 127.0.0.1, and the local run every cluster run must equal."""
     root = tmp_path_factory.mktemp("cluster-web")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = ray_local.free_port()
     synthesize(root / "corpus", n=160, seed=11, base_url=f"http://127.0.0.1:{port}", seed_size=0,
                test_per_concept=0, workers=1)
     with serve(root / "corpus", port=port):
@@ -210,13 +210,14 @@ def new_job_nodes(cluster: LocalCluster, before: dict[str, set[str]]) -> set[str
 
 def test_the_pipeline_submitted_as_a_ray_job_on_three_nodes_equals_a_local_run(cluster, corpus):
     """No --address: the job's RAY_ADDRESS says where. No working dir is uploaded (the venv has
-    pairsift installed; workers get PYTHONPATH from their node). Joining by --address is the
+    pairsift installed; workers get PYTHONPATH and the auth token from their node: no secret in the
+    runtime env). Joining by --address is the
     node-loss test's driver."""
     root = corpus
     before = nodes_by_job(cluster)
     job = subprocess.run(
         [RAY, "job", "submit", "--address", cluster.dashboard,
-         "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}}),
+         "--runtime-env-json", json.dumps({"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}),
          "--", sys.executable, "-m", "pairsift.pipeline", "run", str(download_config(root, root / "corpus", "job"))],
         env=cluster.env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]

@@ -42,6 +42,7 @@ def spine_config(root: Path):
     stages it adds need a trained filter network; the demo test covers them)."""
     data = yaml.safe_load((CONFIGS_DIR / "demo.yaml").read_text())
     data["stages"] = [s for s in data["stages"] if s["stage"] in ("text_filter", "download", "image_filter")]
+    next(s for s in data["stages"] if s["stage"] == "download")["allow_loopback"] = True  # as `demo` sets it
     data.update(run_dir=str(root / "run"), shards={"samples_per_shard": 300})
     data["input"].update(path=str(root / "corpus/urls.parquet"), shard_size=400)
     return parse_config(data)

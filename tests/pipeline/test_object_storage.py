@@ -38,16 +38,18 @@ BUCKET = "pairsift-test"
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
+def s3_endpoint(tmp_path_factory):
     """moto's S3 server on loopback, and the AWS variables that point every client at it (set before
-    anything reads them, and forwarded by the executor to the Ray workers)."""
+    anything reads them; the executor forwards these non-secret ones to the Ray workers)."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    credentials = tmp_path_factory.mktemp("aws") / "credentials"  # keys by file: env keys stay out of Ray
+    credentials.write_text("[default]\naws_access_key_id = test\naws_secret_access_key = test\n")
     with pytest.MonkeyPatch.context() as env:
         for name, value in {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
+            "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",  # never ask an instance-metadata service for credentials
         }.items():
             env.setenv(name, value)
@@ -76,6 +78,7 @@ def _wait_for(port: int, timeout: float = 30.0) -> None:
 def spine(run_dir: str, urls: str, executor: str):
     data = yaml.safe_load((CONFIGS_DIR / "demo.yaml").read_text())
     data["stages"] = [s for s in data["stages"] if s["stage"] in ("text_filter", "download", "image_filter")]
+    next(s for s in data["stages"] if s["stage"] == "download")["allow_loopback"] = True  # as `demo` sets it
     data.update(run_dir=run_dir, shards={"samples_per_shard": 50}, executor={"kind": executor})
     data["input"].update(path=urls, shard_size=80)
     return parse_config(data)

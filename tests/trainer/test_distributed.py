@@ -6,9 +6,22 @@ are gathered with gradients, so the loss and the update are those of one process
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from ray_outsider import (
+    JOIN,
+    KV_NAMESPACE,
+    NO_TOKEN,
+    READ_KV,
+    current_gcs_port,
+    listeners,
+    outsider,
+    with_token,
+)
 from synth_shards import tiny_config
 
 from pairsift.trainer.config import build_config
@@ -45,10 +58,35 @@ def _assert_same_run(a: TrainResult, b: TrainResult) -> None:
     assert abs(float(wa["logit_scale"]) - 2.65926) > 1e-4  # it trained (init is log(1/0.07))
 
 
+@contextmanager
+def listening_meanwhile() -> Iterator[set]:
+    """Every socket this process and its children open for listening while the block runs (sampled)."""
+    before = listeners(include_self=True)
+    seen: set = set()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen.update(listeners(include_self=True) - before)
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        sampler.join()
+
+
 @pytest.mark.slow
-def test_torchrun_two_ranks_match_one_process(one_process, corpus, tmp_path):
-    two = train(_cfg(tmp_path / "torchrun", corpus, launcher="torchrun", nproc=2))
+def test_torchrun_two_ranks_match_one_process_listening_on_loopback_only(one_process, corpus, tmp_path):
+    with listening_meanwhile() as opened:
+        two = train(_cfg(tmp_path / "torchrun", corpus, launcher="torchrun", nproc=2))
     _assert_same_run(one_process("clip"), two)
+    # the rendezvous store (here, in the launcher) and gloo's pair sockets (in the ranks)
+    assert {name for name, *_ in opened} >= {"python"} and len({pid for _, pid, *_ in opened}) >= 2, opened
+    assert all(ip.startswith("127.") for _, _, ip, _ in opened), opened
 
 
 @pytest.mark.slow
@@ -58,7 +96,20 @@ def test_ray_train_two_workers_match_one_process_with_siglip(one_process, corpus
     started_here = not ray.is_initialized()
     try:
         two = train(_cfg(tmp_path / "ray", corpus, launcher="ray", nproc=2, loss="siglip"))
+        _assert_closed_to_outsiders(ray)
     finally:
         if started_here:
             ray.shutdown()
     _assert_same_run(one_process("siglip"), two)
+
+
+def _assert_closed_to_outsiders(ray) -> None:
+    """The Ray that `launcher: ray` started (or joined) answers only a process holding its token."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(b"probe", b"trainer-wrote-this", namespace=KV_NAMESPACE.encode())
+    port = current_gcs_port()
+    refused = outsider(READ_KV, port, NO_TOKEN)
+    assert refused.returncode != 0 and "trainer-wrote-this" not in refused.stdout
+    assert "VALUE" not in outsider(JOIN, port, NO_TOKEN).stdout
+    assert "VALUE b'trainer-wrote-this'" in outsider(READ_KV, port, with_token()).stdout
