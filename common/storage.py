@@ -76,6 +76,13 @@ def read_parquet(path: AnyPath, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(handle, columns=columns)
 
 
+def read_parquet_subset(path: AnyPath, wanted: set[str]) -> pa.Table:
+    """Only the ``wanted`` columns the file has, in the file's order (the footer is read first)."""
+    with open_parquet(path) as reader:
+        present = [name for name in reader.schema_arrow.names if name in wanted]
+        return reader.read(columns=present)
+
+
 @contextmanager
 def open_parquet(path: AnyPath) -> Iterator[pq.ParquetFile]:
     """For streaming and footer reads; a remote file is read by ranges through one handle, closed at the end."""

@@ -59,11 +59,11 @@ def run(
     executor: Annotated[str | None, typer.Option(help="ray (default) or local (in-process)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: a.b=value")] = None,
     retry_failed: Annotated[bool, typer.Option(
-        "--retry-failed", help="after resuming, re-fetch only the rows whose download failed (transient "
-                               "reasons unless --reasons says) and redo what depends on them")] = False,
+        "--retry-failed", help="after resuming, redo only the rows a stage dropped for a retryable reason "
+                               "(its transient ones unless --reasons says) and what depends on them")] = False,
     reasons: Annotated[str | None, typer.Option(
-        help="with --retry-failed: comma-separated download reasons to retry "
-             "(default timeout,dns_error,failed_to_download,domain_unavailable,rate_limited)")] = None,
+        help="with --retry-failed: comma-separated reasons to retry (default: each stage's transient "
+             "reasons; `pairsift plan CONFIG` lists them)")] = None,
 ) -> None:
     """Run (or resume) a pipeline config; finished shards are skipped."""
     from pairsift.pipeline.config import load_config

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pairsift.common.storage import AnyPath, as_path
 from pairsift.configs import CONFIGS_DIR
+from pairsift.pipeline.contracts import check_columns
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.run_dir import check_label
 from pairsift.stages import UnknownStage, stage_class
@@ -59,9 +60,10 @@ class ExecutorConfig(Strict):
     shard_timeout_s: float = Field(1800.0, gt=0, description="a shard past this is retried or failed")
     max_workers: int | None = Field(None, gt=0, description="cap on concurrent shards per stage")
     # A resolver outage makes every URL look dead. Rather than quietly marking most of the pool as
-    # failed, stop with one line once a reason's share of a stage's rows passes its limit.
+    # failed, stop with one line once a reason's share of a stage's rows passes its limit. Stages
+    # declare their own limits (Contract.abort_shares); these add to or override them.
     abort_on_reason: dict[str, float] = Field(
-        default_factory=lambda: {"dns_error": 0.5},
+        default_factory=dict,
         description="reason -> largest share of a stage's rows it may take before the run stops",
     )
     abort_min_rows: int = Field(1000, gt=0, description="rows a stage must have seen before abort_on_reason applies")
@@ -199,7 +201,22 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
     except ValidationError as exc:
         raise UserError(f"{source}: {_first_error(exc)}") from None
     cfg.stages = specs
+    check_columns(specs, images_in_input(cfg.input), source)
     return cfg
+
+
+def images_in_input(source: InputConfig) -> bool:
+    """Whether ingest stores images (webdataset tars), so that stages may read them without a download."""
+    if source.format != "auto":
+        return source.format == "webdataset"
+    path = source.path.rstrip("/")
+    if path.endswith((".tar", ".tar.gz", ".tgz", "*.tar")):
+        return True
+    try:
+        root = as_path(path)
+        return root.is_dir() and any(root.glob("*.tar"))
+    except (ValueError, OSError):
+        return False
 
 
 class _StrictLoader(yaml.SafeLoader):

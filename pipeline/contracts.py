@@ -56,10 +56,6 @@ def columns_to_read(specs: Sequence[StageSpec], index: int) -> set[str] | None:
     return {"uid", REASON, *contract.reads, *contract.optional} - {IMAGE}
 
 
-def needs_images(contract: Contract) -> bool:
-    return IMAGE in contract.reads or IMAGE in contract.optional
-
-
 def caption_columns(specs: Iterable[StageSpec]) -> tuple[str, ...]:
     """Columns the trainer reads as captions besides the alt-text, in pipeline order."""
     return tuple(c for contract in contracts(list(specs)) for c in contract.captions)

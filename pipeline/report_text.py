@@ -10,6 +10,7 @@ from rich.table import Table
 from pairsift.common.storage import as_path
 from pairsift.pipeline.catalog import funnel
 from pairsift.pipeline.config import RunConfig
+from pairsift.pipeline.contracts import contract_of
 from pairsift.pipeline.run_dir import RunDir
 from pairsift.stages import stage_class
 from pairsift.stages.base import PoolStage
@@ -65,3 +66,16 @@ def print_plan(cfg: RunConfig) -> None:
     console.print(table)
     console.print(f"input: {cfg.input.path} ({n_shards} shards ingested so far); "
                   f"ray: {cfg.ray.address or 'local on ' + cfg.ray.node_ip}")
+    print_contracts(cfg)
+
+
+def print_contracts(cfg: RunConfig) -> None:
+    """What each stage reads, writes and drops with, from its contract."""
+    table = Table("stage", "reads", "writes", "drops with", "--retry-failed retries", title="stage contracts")
+    for spec in cfg.stages:
+        contract = contract_of(spec)
+        retried = ", ".join(contract.retryable) + (
+            f" (on request: {', '.join(contract.retryable_on_request)})" if contract.retryable_on_request else "")
+        table.add_row(spec.label, ", ".join((*contract.reads, *(f"[{c}]" for c in contract.optional))),
+                      ", ".join(contract.writes), ", ".join(contract.reasons) or "-", retried or "-")
+    console.print(table)

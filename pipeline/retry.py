@@ -1,8 +1,8 @@
-"""Retry only what failed: re-fetch the rows a download stage dropped for transient reasons.
+"""Retry only what failed: re-run a stage on the rows it dropped for reasons its contract calls retryable.
 
 ``pairsift run CONFIG --retry-failed [--reasons timeout,...]`` first resumes the run as usual, then,
-for each download stage, re-runs the stage on just the rows of each finished shard whose reason is
-in the retry set. The shard's part is rewritten with the same rows in the same order (later stages
+for each stage with retryable reasons (download's transient network failures), re-runs the stage
+on just the rows of each finished shard whose reason is in the retry set. The shard's part is rewritten with the same rows in the same order (later stages
 join on position), the retried rows' columns replaced by their new result; its image tar is rewritten
 with the old images and the new ones in row order; its marker gets a new version. Shards with
 nothing to retry keep their marker, so the stages after download redo exactly the shards whose
@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from pairsift.common.storage import AnyPath, atomic_path, is_remote, read_parquet, remove
-from pairsift.pipeline.config import RunConfig
+from pairsift.pipeline.config import RunConfig, StageSpec
+from pairsift.pipeline.contracts import contract_of
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.executor import Job, JobResult, WorkerSpec
 from pairsift.pipeline.maintenance import taken_down_uids
@@ -45,53 +46,48 @@ from pairsift.pipeline.shard_runner import (
     tar_stats_path,
 )
 from pairsift.stages import stage_class, stage_path
-from pairsift.stages.base import REASON
-from pairsift.stages.download import DECODE_ERROR, IMAGE_TOO_LARGE, NOT_AN_IMAGE
-from pairsift.stages.fetch import BAD_URL, DNS_ERROR, FAILED, OPT_OUT, REFUSED, TIMEOUT, TOO_LARGE
-from pairsift.stages.politeness import DOMAIN_UNAVAILABLE, RATE_LIMITED, ROBOTS_DISALLOWED
+from pairsift.stages.base import REASON, Contract
 
 log = logging.getLogger("pairsift")
-DOWNLOAD = "download"
-# Failures that say nothing about the image: the network, the resolver or the server was having a
-# bad moment (HTTP 5xx and dropped connections are failed_to_download; 429/503 end rate_limited).
-TRANSIENT = (TIMEOUT, DNS_ERROR, FAILED, DOMAIN_UNAVAILABLE, RATE_LIMITED)
-# Retried only when asked: a server may have served an error page or a cut file, or changed robots.txt.
-ON_REQUEST = (DECODE_ERROR, NOT_AN_IMAGE, ROBOTS_DISALLOWED)
-NEVER = {
-    OPT_OUT: "the site opted out of AI training",
-    REFUSED: "the address policy refused it and would again",
-    BAD_URL: "the url itself is malformed",
-    TOO_LARGE: "the same download.max_bytes would refuse it again (raising it redoes the stage)",
-    IMAGE_TOO_LARGE: "the same download.max_pixels would refuse it again (raising it redoes the stage)",
-}
 
 
 def parse_reasons(text: str | None) -> tuple[str, ...]:
-    """``--reasons a,b`` as a tuple; the transient set when not given. Checked by ``check_retry``."""
+    """``--reasons a,b`` as a tuple; ``()`` (not given) means each stage's own default set.
+    Checked against the stages' contracts by ``check_retry``."""
     if text is None:
-        return TRANSIENT
-    return tuple(dict.fromkeys(r.strip() for r in text.split(",") if r.strip()))
+        return ()
+    reasons = tuple(dict.fromkeys(r.strip() for r in text.split(",") if r.strip()))
+    if not reasons:
+        raise UserError("--reasons: no reason given; leave it out for each stage's transient reasons")
+    return reasons
+
+
+def retry_stages(cfg: RunConfig) -> list[tuple[StageSpec, Contract]]:
+    """The stages whose contract says some of their drops a later attempt may cure."""
+    return [(spec, c) for spec in cfg.stages if (c := contract_of(spec)).retryable or c.retryable_on_request]
 
 
 def check_retry(cfg: RunConfig, run: RunDir, reasons: Collection[str]) -> frozenset[str]:
     """Refuse, in one line, a retry that cannot mean what the user wants; return the reason set."""
-    labels = [s.label for s in cfg.stages if s.stage == DOWNLOAD]
-    if not labels:
-        stages = ", ".join(s.label for s in cfg.stages) or "none"
-        raise UserError(f"--retry-failed: the config has no download stage (stages: {stages}); nothing to re-fetch")
-    if not reasons:
-        raise UserError(f"--reasons: no reason given; e.g. --reasons {','.join(TRANSIENT)}")
+    stages = retry_stages(cfg)
+    if not stages:
+        names = ", ".join(s.label for s in cfg.stages) or "none"
+        raise UserError(f"--retry-failed: no stage of the config has retryable reasons (stages: {names}); "
+                        "nothing to retry")
+    retryable = tuple(dict.fromkeys(r for _, c in stages for r in (*c.retryable, *c.retryable_on_request)))
+    final = {reason: why for _, c in stages for reason, why in c.final.items()}
+    reasons = tuple(reasons) or tuple(dict.fromkeys(r for _, c in stages for r in c.retryable))
     for reason in reasons:
-        if reason in NEVER:
-            raise UserError(f"--reasons: {reason} is never retried: {NEVER[reason]}")
-        if reason not in TRANSIENT + ON_REQUEST:
-            raise UserError(f"--reasons: unknown download reason {reason!r}; retryable: "
-                            f"{', '.join(TRANSIENT + ON_REQUEST)}")
+        if reason in final:
+            raise UserError(f"--reasons: {reason} is never retried: {final[reason]}")
+        if reason not in retryable:
+            raise UserError(f"--reasons: unknown reason {reason!r}; retryable: {', '.join(retryable)}")
     if not run.run_json.exists():
         raise UserError(f"--retry-failed: {run.root} has never run (no run.json); "
                         "run `pairsift run` without --retry-failed first")
     hashes = cfg.stage_hashes()
-    for label in labels:
+    for spec, _ in stages:
+        label = spec.label
         finished = current = False
         for part in run.parts(label):
             done = run.read_done(part)
@@ -109,6 +105,12 @@ def check_retry(cfg: RunConfig, run: RunDir, reasons: Collection[str]) -> frozen
     return frozenset(reasons)
 
 
+def reasons_for(spec: StageSpec, reasons: frozenset[str]) -> frozenset[str]:
+    """The part of the retry set that this stage can drop with."""
+    contract = contract_of(spec)
+    return reasons & {*contract.retryable, *contract.retryable_on_request}
+
+
 # --- one shard, on a worker ----------------------------------------------------------------------
 
 @dataclass
@@ -124,7 +126,7 @@ class RetryOutcome:
 
 
 class RetryRunner(ShardRunner):
-    """A ShardRunner that re-runs its (download) stage on a shard's failed rows only."""
+    """A ShardRunner that re-runs its stage on a shard's failed rows only."""
 
     def retry_part(self, shard: int, config_hash: str, version: str, reasons: list[str]) -> RetryOutcome:
         """Patch the part whose marker has ``version``: its rows failed for ``reasons`` are fetched again."""
@@ -146,7 +148,7 @@ class RetryRunner(ShardRunner):
             raise RuntimeError(f"{self.label} shard {shard}: its part does not line up with its input; "
                                "rerun without --retry-failed")
         subset = given.take(pa.array(rows, pa.int64()))
-        output = check_output(self.stage, subset, self.stage(subset))
+        output = check_output(self.stage, self.contract, subset, self.stage(subset))
         fresh = output.select(part.column_names).cast(part.schema)
         merged = merge_rows(part, fresh, rows)
         new_samples = dict(samples(output, self.stage.sample_json))
@@ -303,7 +305,7 @@ class RetryLog:
 
 def retry_failed_rows(cfg: RunConfig, run: RunDir, executor, n_shards: int, index: int, hashes: dict[str, str],
                       reasons: frozenset[str]) -> RetryReport:
-    """Retry the rows of stage ``index`` (a download stage) that failed for ``reasons``."""
+    """Retry the rows of stage ``index`` that failed for ``reasons``."""
     spec = cfg.stages[index]
     label, stage_hash = spec.label, hashes[spec.label]
     upstream = cfg.labels()[:index + 1]

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pairsift.common.storage import is_remote, read_parquet, remove
 from pairsift.pipeline.config import RunConfig, config_hash
+from pairsift.pipeline.contracts import abort_shares, bulky_columns, caption_columns
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.executor import Job, JobResult, LocalExecutor, RayExecutor, WorkerSpec, make_executor
 from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardFailed, shard_of, write_atomic
@@ -59,7 +60,7 @@ class RunSummary:
     stages: list[StageReport]
     output_shards: int
     samples_written: int
-    retries: list = field(default_factory=list)  # pipeline.retry.RetryReport, one per download stage retried
+    retries: list = field(default_factory=list)  # pipeline.retry.RetryReport, one per stage retried
 
     @property
     def failed(self) -> dict[str, dict[int, str]]:
@@ -227,7 +228,7 @@ def run_stage(cfg: RunConfig, run: RunDir, executor, n_shards: int, index: int, 
                      "label": label, "upstream": upstream}
     worker = WorkerSpec(ShardRunner, runner_kwargs, stage.resources, cls.stateful)
     report = StageReport(label)
-    stage_run = StageRun(run, executor, n_shards, upstream, cfg.executor.abort_on_reason,
+    stage_run = StageRun(run, executor, n_shards, upstream, abort_shares([spec], cfg.executor.abort_on_reason),
                          cfg.executor.abort_min_rows)
 
     def pending(path_of, extra: list[str] | None = None) -> list[tuple[int, list[str]]]:
@@ -336,7 +337,9 @@ def write_output_shards(cfg: RunConfig, run: RunDir, executor, n_shards: int, sh
     worker = WorkerSpec(ShardWriter, {"run_root": str(run.root), "upstream": upstream,
                                       "json_columns": cfg.shards.json_columns,
                                       "max_caption_tokens": cfg.shards.max_caption_tokens,
-                                      "long_captions": cfg.shards.long_captions})
+                                      "long_captions": cfg.shards.long_captions,
+                                      "caption_columns": caption_columns(cfg.stages),
+                                      "bulky_columns": bulky_columns(cfg.stages)})
     StageRun(run, executor, n_shards, upstream).execute(
         "shards", worker, jobs, report, run.shards.tar, shards_hash)
     sizes = write_sizes(run, len(plan))
@@ -346,10 +349,10 @@ def write_output_shards(cfg: RunConfig, run: RunDir, executor, n_shards: int, sh
 # --- the whole run ---------------------------------------------------------------------------
 
 def run_pipeline(cfg: RunConfig, retry_reasons: Sequence[str] | None = None) -> RunSummary:
-    """Run or resume ``cfg``. With ``retry_reasons``, after each download stage has resumed, re-fetch
-    only its rows that failed for those reasons (``pipeline.retry``); later stages then redo exactly
-    the shards whose download part changed."""
-    from pairsift.pipeline.retry import check_retry, retry_failed_rows
+    """Run or resume ``cfg``. With ``retry_reasons`` (``()``: each stage's transient reasons), after
+    each stage with retryable reasons has resumed, redo only its rows that failed for those reasons
+    (``pipeline.retry``); later stages then redo exactly the shards whose part changed."""
+    from pairsift.pipeline.retry import check_retry, reasons_for, retry_failed_rows
 
     run = RunDir(cfg.run_dir)
     retry = check_retry(cfg, run, retry_reasons) if retry_reasons is not None else None  # before writing anything
@@ -365,8 +368,8 @@ def run_pipeline(cfg: RunConfig, retry_reasons: Sequence[str] | None = None) -> 
     for index, spec in enumerate(cfg.stages):
         report = run_stage(cfg, run, executor, n_shards, index, hashes)
         reports.append(report)
-        if retry is not None and spec.stage == "download":
-            retries.append(retry_failed_rows(cfg, run, executor, n_shards, index, hashes, retry))
+        if retry is not None and (mine := reasons_for(spec, retry)):
+            retries.append(retry_failed_rows(cfg, run, executor, n_shards, index, hashes, mine))
             report.shards_failed.update(retries[-1].shards_failed)
             log.info("%s", retries[-1].line())
         log.info("%s: %d shards run, %d already done, %d failed, %d blocked; %.0f rows/s",

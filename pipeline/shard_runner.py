@@ -21,10 +21,10 @@ import pyarrow.compute as pc
 
 from pairsift.common.images import IMAGE_MEMBER_EXTENSIONS
 from pairsift.common.images import extension_of as image_extension
-from pairsift.common.storage import AnyPath, atomic_path, read_parquet
+from pairsift.common.storage import AnyPath, atomic_path, read_parquet, read_parquet_subset
 from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
 from pairsift.stages import import_stage
-from pairsift.stages.base import IMAGE, REASON, PoolStage, Stage, StageConfig
+from pairsift.stages.base import IMAGE, REASON, Contract, PoolStage, Stage, StageConfig
 
 MAX_ERROR_KINDS = 20  # a capped counter: a million distinct errors must not become a million keys
 
@@ -100,11 +100,17 @@ def join_positional(base: pa.Table, part: pa.Table, where: str) -> pa.Table:
     return alive(base)
 
 
-def load_input(run: RunDir, upstream: list[str], shard: int) -> pa.Table:
-    """The rows still alive before the next stage, with every earlier stage's columns."""
-    table = read_parquet(run.part("ingest", shard))
+def load_input(run: RunDir, upstream: list[str], shard: int, columns: set[str] | None = None) -> pa.Table:
+    """The rows still alive before the next stage, with every earlier stage's columns, or only
+    ``columns`` of them (plus uid and each part's reason, which decide what is alive)."""
+
+    def read(label: str) -> pa.Table:
+        path = run.part(label, shard)
+        return read_parquet(path) if columns is None else read_parquet_subset(path, columns | {"uid", REASON})
+
+    table = read("ingest")
     for label in upstream[1:]:
-        table = join_positional(table, read_parquet(run.part(label, shard)), f"{label} shard {shard}")
+        table = join_positional(table, read(label), f"{label} shard {shard}")
     return table
 
 
@@ -136,28 +142,41 @@ def summarise(output: pa.Table, seconds: float) -> dict[str, Any]:
     }
 
 
-def check_output(stage: Stage, given: pa.Table, output: pa.Table) -> pa.Table:
+def check_output(stage: Stage, contract: Contract, given: pa.Table, output: pa.Table) -> pa.Table:
+    """The stage kept its rows and wrote what its contract declares, with the declared types."""
     if not isinstance(output, pa.Table) or output.num_rows != given.num_rows:
         raise RuntimeError(f"stage {stage.name} returned a different number of rows than it was given")
     if output.column("uid") != given.column("uid"):
         raise RuntimeError(f"stage {stage.name} reordered or changed the rows it was given")
+    undeclared = [n for n in output.column_names if n not in given.column_names and n not in contract.writes
+                  and n != REASON]
+    if undeclared:
+        raise RuntimeError(f"stage {stage.name} wrote columns its contract does not declare: {', '.join(undeclared)}")
+    for name, kind in contract.writes.items():
+        if name not in output.column_names or output.schema.field(name).type == kind:
+            continue
+        try:  # an empty shard's column is typed null; int32 where int64 was declared is fine
+            column = output.column(name).cast(kind)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise RuntimeError(f"stage {stage.name} wrote {name} as {output.schema.field(name).type}; "
+                               f"its contract declares {kind}") from None
+        output = output.set_column(output.column_names.index(name), name, column)
     if REASON not in output.column_names:
         output = output.append_column(REASON, pa.nulls(output.num_rows, pa.string()))
     return output
 
 
-def write_part(run: RunDir, label: str, shard: int, given: pa.Table, output: pa.Table, stage: Stage,
+def write_part(run: RunDir, label: str, shard: int, output: pa.Table, stage: Stage, contract: Contract,
                started_at: float) -> None:
-    """The stage's new columns go to its parquet part; an image column goes to a tar beside it, with
-    the stage's per-shard stats file (if it has one) next to the tar."""
-    new_columns = [n for n in output.column_names if n not in given.column_names or n == REASON]
-    if IMAGE in new_columns or (IMAGE in output.column_names and IMAGE not in given.column_names):
+    """The columns the stage's contract writes go to its parquet part; an image column goes to a tar
+    beside it, with the stage's per-shard stats file (if it has one) next to the tar."""
+    if IMAGE in contract.writes:
         write_image_tar(run.images(label, shard), output, stage.sample_json)
         stats = stage.tar_stats(output, started_at, time.time())
         if stats is not None:
             write_atomic(tar_stats_path(run, label, shard), json.dumps(stats, indent=4))
-    keep = ["uid"] + [n for n in new_columns if n not in ("uid", IMAGE)]
-    write_atomic(run.part(label, shard), output.select(keep))
+    keep = ["uid"] + [n for n in contract.writes if n in output.column_names and n not in ("uid", IMAGE)]
+    write_atomic(run.part(label, shard), output.select([*keep, REASON]))
 
 
 class ShardRunner:
@@ -171,19 +190,22 @@ class ShardRunner:
         cls = import_stage(stage_path)  # resolved on the driver: workers need no registry
         cfg: StageConfig = cls.config_class(**config)
         self.stage = cls(cfg)
+        self.contract = self.stage.contract()
         self.stage.setup()
 
     def _input(self, shard: int) -> pa.Table:
-        table = load_input(self.run, self.upstream, shard)
-        if self.stage.needs_images:
+        """Only the columns the stage's contract reads, with the images when it reads them."""
+        uses = set(self.contract.reads) | set(self.contract.optional)
+        table = load_input(self.run, self.upstream, shard, uses - {IMAGE})
+        if IMAGE in uses:
             table = attach_images(self.run, self.upstream, shard, table)
         return table
 
     def run_part(self, shard: int, config_hash: str, upstream_versions: list[str]) -> ShardDone:
         started, started_at = time.perf_counter(), time.time()
         given = self._input(shard)
-        output = check_output(self.stage, given, self.stage(given))
-        write_part(self.run, self.label, shard, given, output, self.stage, started_at)
+        output = check_output(self.stage, self.contract, given, self.stage(given))
+        write_part(self.run, self.label, shard, output, self.stage, self.contract, started_at)
         done = ShardDone(config_hash=config_hash, upstream=upstream_versions,
                          **summarise(output, time.perf_counter() - started))
         self.run.mark_done(self.run.part(self.label, shard), done)
@@ -207,8 +229,8 @@ class ShardRunner:
         started, started_at = time.perf_counter(), time.time()
         given = self._input(shard)
         summary = read_parquet(self.run.partial(self.label, shard))
-        output = check_output(self.stage, given, self.stage.apply(given, fitted, summary))
-        write_part(self.run, self.label, shard, given, output, self.stage, started_at)
+        output = check_output(self.stage, self.contract, given, self.stage.apply(given, fitted, summary))
+        write_part(self.run, self.label, shard, output, self.stage, self.contract, started_at)
         done = ShardDone(config_hash=config_hash, upstream=upstream_versions,
                          **summarise(output, time.perf_counter() - started))
         self.run.mark_done(self.run.part(self.label, shard), done)

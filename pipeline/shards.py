@@ -26,16 +26,16 @@ from pairsift.stages.base import IMAGE
 
 Slice = tuple[int, int, int]  # (input shard, first kept row, end kept row)
 
-# Columns never copied into a sample's json: bulky or internal to the pipeline.
-_NOT_IN_JSON = {IMAGE, "image_embedding", "text_embedding", "dup_url", "dup_url_caption", "matched_entries"}
-
 
 class CaptionFitter:
     """Makes captions fit a CLIP text encoder's context, counting tokens with open_clip's BPE."""
 
-    def __init__(self, max_tokens: int | None, policy: str = "truncate"):
+    def __init__(self, max_tokens: int | None, policy: str = "truncate", extra_columns: tuple[str, ...] = ()):
+        """``extra_columns``: the other caption columns stages wrote (a string or a list of strings
+        each), from their contracts; the alt-text is ``caption``."""
         self.budget = None if max_tokens is None else max_tokens - 2  # start and end tokens
         self.policy = policy
+        self.extra_columns = extra_columns
         self._encode = None
 
     def tokens(self, text: str) -> int:
@@ -71,10 +71,12 @@ class CaptionFitter:
         if self.budget is None:
             return True
         row["caption"] = self(row.get("caption"))
-        if isinstance(row.get("rewrites"), list):
-            row["rewrites"] = [r for r in (self(x) for x in row["rewrites"]) if r]
-        if isinstance(row.get("enriched_caption"), str):
-            row["enriched_caption"] = self(row["enriched_caption"])
+        for name in self.extra_columns:
+            value = row.get(name)
+            if isinstance(value, list):
+                row[name] = [r for r in (self(x) for x in value) if r]
+            elif isinstance(value, str):
+                row[name] = self(value)
         return bool(row["caption"])
 
 
@@ -103,8 +105,8 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def sample_json(row: dict[str, Any], columns: list[str] | None) -> bytes:
-    names = columns if columns is not None else [n for n in row if n not in _NOT_IN_JSON]
+def sample_json(row: dict[str, Any], columns: list[str] | None, bulky: frozenset[str] = frozenset()) -> bytes:
+    names = columns if columns is not None else [n for n in row if n not in bulky]
     return json.dumps({n: _json_safe(row.get(n)) for n in names}, default=str).encode()
 
 
@@ -112,11 +114,15 @@ class ShardWriter:
     """Worker that writes one output shard from the run's stage outputs."""
 
     def __init__(self, run_root: str, upstream: list[str], json_columns: list[str] | None,
-                 max_caption_tokens: int | None = None, long_captions: str = "truncate"):
+                 max_caption_tokens: int | None = None, long_captions: str = "truncate",
+                 caption_columns: tuple[str, ...] = (), bulky_columns: frozenset[str] = frozenset({IMAGE})):
+        """``caption_columns`` and ``bulky_columns`` come from the stages' contracts: captions to fit
+        to the text encoder's context, and columns kept out of each sample's json and parquet."""
         self.run = RunDir(run_root)
         self.upstream = upstream
         self.json_columns = json_columns
-        self.fit_captions = CaptionFitter(max_caption_tokens, long_captions)
+        self.bulky = bulky_columns | {IMAGE}
+        self.fit_captions = CaptionFitter(max_caption_tokens, long_captions, caption_columns)
         self.taken_down = pa.array(sorted(taken_down_uids(run_root)), pa.string())  # never written again
 
     def _rows(self, slices: list[Slice]) -> pa.Table:
@@ -147,10 +153,10 @@ class ShardWriter:
                 key = row["uid"]
                 _add_member(tar, f"{key}.{image_extension(image)}", image)
                 _add_member(tar, f"{key}.txt", (row.get("caption") or "").encode("utf-8", "replace"))
-                _add_member(tar, f"{key}.json", sample_json(row, self.json_columns))
+                _add_member(tar, f"{key}.json", sample_json(row, self.json_columns, self.bulky))
                 written.append(row)
         # The parquet holds the same rows with the same (fitted) captions as the tar.
-        schema = pa.schema([f for f in rows.schema if f.name not in _NOT_IN_JSON])
+        schema = pa.schema([f for f in rows.schema if f.name not in self.bulky])
         write_atomic(self.run.shards.table_of(tar_path),
                      pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in written], schema=schema))
         dropped = {k: v for k, v in (("no_image", missing), ("caption_too_long_for_context", too_long),

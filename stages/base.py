@@ -65,8 +65,6 @@ class Stage(ABC):
     # True when setup() is expensive (models, automata): the executor keeps the stage alive in an
     # actor pool instead of building it per shard.
     stateful: ClassVar[bool] = False
-    # True when the stage reads image bytes: the executor attaches an ``image`` column.
-    needs_images: ClassVar[bool] = False
     # A stage that outputs ``image`` gets a tar of KEY.<ext>/KEY.txt/KEY.json samples: what goes in
     # each KEY.json, as json key -> column (a column the shard lacks is written as null).
     sample_json: ClassVar[dict[str, str]] = {"uid": "uid", "url": "url", "caption": "caption"}

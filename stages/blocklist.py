@@ -234,7 +234,6 @@ class HashBlocklist(Stage):
     name: ClassVar[str] = "hash_blocklist"
     config_class: ClassVar[type[StageConfig]] = HashBlocklistConfig
     stateful: ClassVar[bool] = True
-    needs_images: ClassVar[bool] = True
     cfg: HashBlocklistConfig
 
     def __init__(self, cfg: HashBlocklistConfig):

@@ -265,7 +265,6 @@ class ClipScore(Stage):
     name: ClassVar[str] = "clip_score"
     config_class: ClassVar[type[StageConfig]] = ClipScoreConfig
     stateful: ClassVar[bool] = True
-    needs_images: ClassVar[bool] = True
     cfg: ClipScoreConfig
 
     def __init__(self, cfg: ClipScoreConfig):

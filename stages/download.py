@@ -231,7 +231,6 @@ class Download(Stage):
     config_class: ClassVar[type[StageConfig]] = DownloadConfig
     # An actor: the DNS cache, per-domain limits, breakers and robots.txt outlive one shard.
     stateful: ClassVar[bool] = True
-    needs_images: ClassVar[bool] = False
     # img2dataset's 11 keys, in its order, then our uid. KEY (the member name) is the uid, so ``key``
     # is too; pairsift extracts no EXIF, so ``exif`` is null (see README, img2dataset compatibility).
     sample_json: ClassVar[dict[str, str]] = {

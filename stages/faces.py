@@ -44,7 +44,6 @@ class Faces(Stage):
     name: ClassVar[str] = "faces"
     config_class: ClassVar[type[StageConfig]] = FacesConfig
     stateful: ClassVar[bool] = True  # the cascade loads once per worker
-    needs_images: ClassVar[bool] = True
     cfg: FacesConfig
 
     def __init__(self, cfg: FacesConfig):

@@ -31,7 +31,6 @@ class ImageHashesConfig(StageConfig):
 class ImageHashes(Stage):
     name: ClassVar[str] = "image_hashes"
     config_class: ClassVar[type[StageConfig]] = ImageHashesConfig
-    needs_images: ClassVar[bool] = True
     cfg: ImageHashesConfig
 
     def contract(self) -> Contract:

@@ -490,7 +490,6 @@ class Enrich(Stage):
     name = "enrich"
     config_class = EnrichConfig
     stateful = True
-    needs_images = True
     cfg: EnrichConfig
 
     def __init__(self, cfg: EnrichConfig):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from pairsift.stages.base import IMAGE, Stage, StageConfig
+from pairsift.stages.base import IMAGE, Contract, Stage, StageConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +51,9 @@ class Render(Stage):
 
     name = "render"
     config_class = RenderConfig
+
+    def contract(self) -> Contract:
+        return Contract(writes={IMAGE: pa.binary(), "image_bytes": pa.int32()})
 
     def __call__(self, shard: pa.Table) -> pa.Table:
         time.sleep(self.cfg.sleep_s)
@@ -109,6 +112,9 @@ class SlowShard(Stage):
 
     name = "slow_shard"
     config_class = SlowShardConfig
+
+    def contract(self) -> Contract:
+        return Contract(reads=("caption",))
 
     def __call__(self, shard: pa.Table) -> pa.Table:
         if self.cfg.slow_caption in shard.column("caption").to_pylist():

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pairsift.stages.base import PoolStage, Stage, StageConfig, with_reason
+from pairsift.stages.base import Contract, PoolStage, Stage, StageConfig, with_reason
 
 
 class CaptionLengthConfig(StageConfig):
@@ -26,6 +26,10 @@ class CaptionLength(Stage):
 
     name = "caption_length"
     config_class = CaptionLengthConfig
+
+    def contract(self) -> Contract:
+        return Contract(reads=("caption",), writes={"caption_len": pa.int32()},
+                        reasons=("too_short", *([self.cfg.every_row_reason] if self.cfg.every_row_reason else [])))
 
     def __call__(self, shard: pa.Table) -> pa.Table:
         time.sleep(self.cfg.sleep_s)
@@ -51,6 +55,9 @@ class TopFractionByLength(PoolStage):
     name = "top_fraction"
     config_class = TopFractionConfig
     stateful = True
+
+    def contract(self) -> Contract:
+        return Contract(reads=("caption_len",), writes={"length_threshold": pa.int64()}, reasons=("below_threshold",))
 
     def partial(self, shard: pa.Table) -> pa.Table:
         return pa.table({"caption_len": shard.column("caption_len")})

@@ -54,7 +54,7 @@ def test_labels_let_a_stage_run_twice():
 
 def test_stage_hash_chain_changes_only_downstream():
     def hashes(min_chars):
-        return parse_config(BASE | {"stages": [{"stage": "text_filter"}, {"stage": "image_filter"},
+        return parse_config(BASE | {"stages": [{"stage": "text_filter"}, {"stage": "download"}, {"stage": "image_filter"},
                                                {"stage": "text_filter", "label": "t2", "min_chars": min_chars}]}
                             ).stage_hashes()
 
@@ -118,9 +118,20 @@ def test_cli_validate_prints_one_line_and_exits_2(tmp_path):
 
 def test_overrides_address_stages_by_label(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(BASE | {"stages": [{"stage": "text_filter"}, {"stage": "image_filter",
-                                                                                 "label": "sizes"}]}))
+    path.write_text(yaml.safe_dump(BASE | {"stages": [{"stage": "text_filter"}, {"stage": "download"},
+                                                      {"stage": "image_filter", "label": "sizes"}]}))
     cfg = load_config(str(path), {"stages.text_filter.min_chars": 9, "stages.sizes.min_side": 32, "run_dir": "/r"})
-    assert cfg.stages[0].config.min_chars == 9 and cfg.stages[1].config.min_side == 32 and cfg.run_dir == "/r"
-    with pytest.raises(UserError, match="no stage labelled 'nope' \\(stages: text_filter, sizes\\)"):
+    assert cfg.stages[0].config.min_chars == 9 and cfg.stages[2].config.min_side == 32 and cfg.run_dir == "/r"
+    with pytest.raises(UserError, match="no stage labelled 'nope' \\(stages: text_filter, download, sizes\\)"):
         load_config(str(path), {"stages.nope.x": 1})
+
+
+def test_a_stage_reading_what_no_earlier_stage_writes_is_refused_before_anything_runs():
+    with pytest.raises(UserError, match=r"stages\[0\] \(image_filter\) reads width, height.*width is written by "
+                                        r"download, which must come before it"):
+        parse_config(BASE | {"stages": [{"stage": "image_filter"}, {"stage": "download"}]})
+    with pytest.raises(UserError, match=r"\(clip_score\) reads image.*no stage writes image"):
+        parse_config(BASE | {"stages": [{"stage": "clip_score", "model": "ViT-B-32"}]})
+    # images that come with the input (webdataset tars) need no download
+    parse_config(BASE | {"input": {"path": "shards/", "format": "webdataset"},
+                         "stages": [{"stage": "clip_score", "model": "ViT-B-32"}]})

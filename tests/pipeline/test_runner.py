@@ -205,6 +205,7 @@ def test_a_dominant_environment_failure_stops_the_run_with_one_line(tmp_path):
     make_pool(tmp_path / "pool.parquet")
     cfg = config(tmp_path, every_row_reason="dns_error")
     cfg["executor"]["abort_min_rows"] = 100
+    cfg["executor"]["abort_on_reason"] = {"dns_error": 0.5}  # download declares this share itself
     with pytest.raises(UserError, match=r"stopping caption_length: 100% of the first 128 rows failed with dns_error"):
         run_pipeline(parse_config(cfg))
     # what finished is kept: the rerun after the fix resumes instead of starting over
@@ -227,7 +228,7 @@ def test_captions_for_the_trainer_fit_clips_context():
     assert CaptionFitter(77)("a red circle") == "a red circle"
     assert CaptionFitter(77, "drop")(long_caption) is None
     row = {"caption": "short", "rewrites": ["fine", long_caption], "enriched_caption": long_caption}
-    assert CaptionFitter(77, "drop").fit_row(row) and row["rewrites"] == ["fine"] and row["enriched_caption"] is None
+    assert CaptionFitter(77, "drop", ("rewrites", "enriched_caption")).fit_row(row) and row["rewrites"] == ["fine"] and row["enriched_caption"] is None
     assert not CaptionFitter(77, "drop").fit_row({"caption": long_caption})
 
 

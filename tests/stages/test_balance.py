@@ -278,7 +278,7 @@ def test_config_validation(tmp_path: Path) -> None:
         BalanceConfig(metadata=path, t=0)
     with pytest.raises(ValidationError, match="Extra inputs"):
         BalanceConfig(metadata=path, threshold=3)  # type: ignore[call-arg]
-    assert Balance.stateful and Balance.name == "balance" and not Balance.needs_images
+    assert Balance.stateful and Balance.name == "balance"
 
 
 def test_normalized_mode_with_folding(tmp_path: Path) -> None:

@@ -450,7 +450,8 @@ def test_unknown_model_tag_or_path_fail_before_any_download(tmp_path):
 
 def test_config_and_registry():
     assert stage_class("clip_score") is ClipScore and stage_class("clip_filter") is ClipFilter
-    assert ClipScore.stateful and ClipScore.needs_images and not ClipFilter.needs_images
+    assert ClipScore.stateful and "image" in ClipScore(ClipScoreConfig(model=str(TINY))).contract().reads
+    assert "image" not in ClipFilter(ClipFilterConfig(threshold=0.2)).contract().reads
     assert ClipScore(ClipScoreConfig(model="ViT-B-32", device="cuda")).resources.gpus == 1.0
     assert ClipScore(ClipScoreConfig(model="ViT-B-32", gpus=0.25, cpus=4)).resources.gpus == 0.25
     with pytest.raises(ValidationError, match="needs gpus > 0"):

@@ -386,4 +386,5 @@ def test_config_errors_are_caught_when_built(bad):
 def test_stage_contract_flags():
     assert Download.name == "download"
     assert Download.config_class is DownloadConfig
-    assert Download.stateful is True and Download.needs_images is False  # an actor: per-worker caches
+    assert Download.stateful is True  # an actor: per-worker caches
+    assert "image" not in Download(DownloadConfig()).contract().reads

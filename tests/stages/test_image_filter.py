@@ -124,7 +124,7 @@ def test_config_validation():
 def test_registry_and_contract():
     assert stage_class("image_filter") is ImageFilter
     assert ImageFilter.config_class is ImageFilterConfig
-    assert not ImageFilter.needs_images  # sizes come from columns: no bytes are shipped, nothing decoded
+    assert "image" not in ImageFilter(ImageFilterConfig()).contract().reads  # sizes come from columns: no bytes shipped
 
 
 # ---- placeholders: the same bytes under many URLs, across shards ----------------------------------

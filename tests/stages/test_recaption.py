@@ -688,7 +688,7 @@ def test_concept_tags_refuse_embeddings_of_another_model(trained_clip, entries_f
 
 def test_stage_contract_and_resources():
     assert stage_class("rewrite") is Rewrite and stage_class("enrich") is Enrich
-    assert Rewrite.stateful and Enrich.stateful and Enrich.needs_images and not Rewrite.needs_images
+    assert Rewrite.stateful and Enrich.stateful
     vllm_tp = EngineConfig(backend="vllm", model="m", tensor_parallel_size=2)
     assert Rewrite(RewriteConfig(engine=vllm_tp, gpus=1)).resources.gpus == 2
     assert Rewrite(RewriteConfig(engine=EngineConfig(model="m"), gpus=0.5)).resources.gpus == 0.5

@@ -293,7 +293,7 @@ def test_config_validation():
 def test_registry_and_contract():
     assert stage_class("text_filter") is TextFilter
     assert TextFilter.config_class is TextFilterConfig
-    assert not TextFilter.needs_images
+    assert "image" not in TextFilter(TextFilterConfig()).contract().reads
     assert set(REASONS) == {"duplicate", "empty_caption", "caption_too_short", "caption_too_long",
                             "too_few_words", "too_many_words", "boilerplate", "language", "invalid_text"}
 
