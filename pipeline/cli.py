@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
 
+from pairsift.common.overrides import OverrideError, parse_overrides
 from pairsift.pipeline.errors import UserError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
@@ -34,14 +35,10 @@ RunArg = Annotated[str, typer.Argument(help="a run directory: a local path or an
 
 def _overrides(run_dir: str | None, address: str | None, executor: str | None,
                sets: list[str] | None) -> dict:
-    values: dict = {}
-    for item in sets or []:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set input.shard_size=1000")
-        key, raw = item.split("=", 1)
-        import yaml
-
-        values[key] = yaml.safe_load(raw)
+    try:
+        values = parse_overrides(sets)
+    except OverrideError as exc:
+        raise UserError(f"--set: {exc}") from None
     if run_dir:
         values["run_dir"] = run_dir
     if address:
@@ -349,13 +346,14 @@ def train(
     ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="a trainer config, e.g. configs/train/tiny.yaml")],
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in `out`")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: a.b=value")] = None,
 ) -> None:
-    """Train an open_clip model on webdataset shards (KEY=VALUE arguments override config keys)."""
+    """Train an open_clip model on webdataset shards (--set KEY=VALUE, or bare KEY=VALUE arguments)."""
     from pairsift.trainer.cli import train_command
     from pairsift.trainer.config import ConfigError
 
     try:
-        train_command(config, resume=resume, overrides=list(ctx.args))
+        train_command(config, resume=resume, overrides=[*(set_ or []), *ctx.args])
     except ConfigError as exc:
         raise UserError(str(exc)) from None
 

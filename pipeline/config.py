@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pairsift.common.overrides import OverrideError, set_dotted
 from pairsift.common.storage import AnyPath, as_path
 from pairsift.configs import CONFIGS_DIR
 from pairsift.pipeline.contracts import check_columns
@@ -88,10 +89,6 @@ class StageSpec(Strict):
     stage: str
     label: str
     config: StageConfig
-
-    @property
-    def dir_name(self) -> str:
-        return self.label
 
 
 class RunConfig(Strict):
@@ -272,6 +269,7 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             labels = ", ".join(str(e.get("label", e.get("stage"))) for e in entries if isinstance(e, dict))
             raise UserError(f"override {dotted}: no stage labelled {keys[1]!r} (stages: {labels})")
         data, keys = matches[0], keys[2:]
-    for key in keys[:-1]:
-        data = data.setdefault(key, {})
-    data[keys[-1]] = value
+    try:
+        set_dotted(data, ".".join(keys), value)
+    except OverrideError as exc:
+        raise UserError(str(exc)) from None

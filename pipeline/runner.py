@@ -154,11 +154,10 @@ class RunAborted(UserError):
 class StageRun:
     """Runs one stage (or the shard writer) over the shards that are not done yet."""
 
-    def __init__(self, run: RunDir, executor: LocalExecutor | RayExecutor, n_shards: int, upstream: list[str],
+    def __init__(self, run: RunDir, executor: LocalExecutor | RayExecutor, upstream: list[str],
                  abort_on_reason: dict[str, float] | None = None, abort_min_rows: int = 1000):
         self.run = run
         self.executor = executor
-        self.n_shards = n_shards
         self.upstream = upstream
         self.abort_on_reason = abort_on_reason or {}
         self.abort_min_rows = abort_min_rows
@@ -228,7 +227,7 @@ def run_stage(cfg: RunConfig, run: RunDir, executor, n_shards: int, index: int, 
                      "label": label, "upstream": upstream}
     worker = WorkerSpec(ShardRunner, runner_kwargs, stage.resources, cls.stateful)
     report = StageReport(label)
-    stage_run = StageRun(run, executor, n_shards, upstream, abort_shares([spec], cfg.executor.abort_on_reason),
+    stage_run = StageRun(run, executor, upstream, abort_shares([spec], cfg.executor.abort_on_reason),
                          cfg.executor.abort_min_rows)
 
     def pending(path_of, extra: list[str] | None = None) -> list[tuple[int, list[str]]]:
@@ -340,7 +339,7 @@ def write_output_shards(cfg: RunConfig, run: RunDir, executor, n_shards: int, sh
                                       "long_captions": cfg.shards.long_captions,
                                       "caption_columns": caption_columns(cfg.stages),
                                       "bulky_columns": bulky_columns(cfg.stages)})
-    StageRun(run, executor, n_shards, upstream).execute(
+    StageRun(run, executor, upstream).execute(
         "shards", worker, jobs, report, run.shards.tar, shards_hash)
     sizes = write_sizes(run, len(plan))
     return report, len(plan), sum(sizes.values())

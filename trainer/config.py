@@ -13,6 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pairsift.common.overrides import OverrideError, set_dotted
+from pairsift.common.overrides import parse_overrides as overrides_of
+
 
 class ConfigError(ValueError):
     """A training config a user can fix; its message is one line."""
@@ -119,31 +122,21 @@ def _one_line(err: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: '{p}' is not a section")
-    node[leaf] = value
-
-
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["steps=10", "data.workers=2"]`` → a dict of dotted keys to YAML-parsed values."""
-    out: dict[str, Any] = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value (e.g. steps=100)")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    """``["steps=10", "data.workers=2"]`` -> a dict of dotted keys to YAML-parsed values."""
+    try:
+        return overrides_of(overrides)
+    except OverrideError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
     raw = dict(raw)
-    for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+    try:
+        for key, value in (overrides or {}).items():
+            set_dotted(raw, key, value)
+    except OverrideError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:

@@ -67,6 +67,7 @@ def run_shape(root, name, shape):
     pq.write_table(table, root / f"{name}.parquet")
     data = yaml.safe_load((CONFIGS_DIR / "demo.yaml").read_text())
     data["stages"] = [s for s in data["stages"] if s["stage"] in ("text_filter", "download")]
+    next(s for s in data["stages"] if s["stage"] == "download")["allow_loopback"] = True  # as `demo` sets it
     data.update(run_dir=str(root / name), shards={"samples_per_shard": 50}, executor={"kind": "local"})
     data["input"] = {"path": str(root / f"{name}.parquet"), "url_col": url_col, "caption_col": caption_col,
                      "shard_size": 40}

@@ -22,7 +22,7 @@ from flaky_server import FlakyServer
 from pairsift.pipeline.catalog import funnel, query
 from pairsift.pipeline.config import parse_config
 from pairsift.pipeline.errors import UserError
-from pairsift.pipeline.retry import TRANSIENT
+from pairsift.stages.download import TRANSIENT
 from pairsift.pipeline.run_dir import RunDir, shard_of
 from pairsift.pipeline.runner import run_pipeline
 from pairsift.pipeline.verify import verify_run

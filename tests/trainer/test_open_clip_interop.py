@@ -39,6 +39,7 @@ def real_run(tmp_path_factory, ray_local) -> tuple[Path, Path]:
                test_per_concept=1)
     data = yaml.safe_load((CONFIGS_DIR / "demo.yaml").read_text())
     data["stages"] = [s for s in data["stages"] if s["stage"] in ("text_filter", "download", "image_filter")]
+    next(s for s in data["stages"] if s["stage"] == "download")["allow_loopback"] = True  # as `demo` sets it
     data.update(run_dir=str(root / "run"), shards={"samples_per_shard": 50})
     data["input"].update(path=str(root / "corpus/urls.parquet"), shard_size=150)
     with serve(root / "corpus", port=port):
