@@ -22,10 +22,10 @@ from flaky_server import FlakyServer
 from pairsift.pipeline.catalog import funnel, query
 from pairsift.pipeline.config import parse_config
 from pairsift.pipeline.errors import UserError
-from pairsift.stages.download import TRANSIENT
 from pairsift.pipeline.run_dir import RunDir, shard_of
 from pairsift.pipeline.runner import run_pipeline
 from pairsift.pipeline.verify import verify_run
+from pairsift.stages.download import TRANSIENT
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS, SHARD_ROWS = 96, 24  # 4 input shards
@@ -209,12 +209,12 @@ def test_wrong_usage_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"has never run \(no run.json\)"):
         run_pipeline(never, list(TRANSIENT))
     assert not (tmp_path / "run").exists()  # refused before anything was written
-    with pytest.raises(UserError, match=r"unknown download reason 'bogus'; retryable: timeout"):
+    with pytest.raises(UserError, match=r"unknown reason 'bogus'; retryable: timeout"):
         run_pipeline(never, ["timeout", "bogus"])
     with pytest.raises(UserError, match=r"opt_out is never retried: the site opted out"):
         run_pipeline(never, ["opt_out"])
     text_only = parse_config(cfg | {"stages": cfg["stages"][:1]})
-    with pytest.raises(UserError, match=r"the config has no download stage \(stages: text_filter\)"):
+    with pytest.raises(UserError, match=r"no stage of the config has retryable reasons \(stages: text_filter\)"):
         run_pipeline(text_only, list(TRANSIENT))
     # the CLI: exit 2, one line, no traceback
     cfg_path = tmp_path / "config.yaml"
@@ -223,7 +223,7 @@ def test_wrong_usage_is_one_line(tmp_path):
                              "--reasons", "timeout,nope"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --reasons: unknown download reason 'nope'; retryable: timeout, dns_error, failed_to_download, "
+        "error: --reasons: unknown reason 'nope'; retryable: timeout, dns_error, failed_to_download, "
         "domain_unavailable, rate_limited, decode_error, not_an_image, robots_disallowed"]
 
 
