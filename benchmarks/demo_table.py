@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per (size, seed)")
     ap.add_argument("--keep", type=Path, help="keep the runs here (default: a temporary directory)")
     args, extra = ap.parse_known_args()  # anything else goes to `pairsift demo` (e.g. --threads 2)
-    before = machine()
+    before, code = machine(), commit()
     work = args.keep or Path(tempfile.mkdtemp(prefix="demo-table-"))
     runs = []
     for size in args.sizes.split(","):
@@ -113,7 +113,7 @@ def main() -> None:
     if args.keep is None:
         shutil.rmtree(work)
     command = "benchmarks/demo_table.py " + " ".join(sys.argv[1:])
-    print("\n".join([f"`{command}` at commit {commit()}", f"machine before: {before}",
+    print("\n".join([f"`{command}` at commit {code}", f"machine before: {before}",
                      f"machine after:  {machine()}", "", *results_table(runs), "", *gains(runs), "",
                      *phase_table(runs)]))
     # the repeats of one (size, seed) must agree exactly: one distinct table per (size, seed)
