@@ -38,6 +38,7 @@ from pairsift.trainer.config import CaptionConfig, ConfigError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 Cursor = tuple[int, int, int]  # (epoch, window index, position in the window's permutation)
+DECODED_CACHE_BYTES = 256 * 2**20  # decoded images a reader keeps (the demo's default pool: ~47k × 3 KB)
 TOKEN_CACHE_MAX = 200_000  # distinct captions a stream keeps tokenized (200k x 77 int64 = 120 MB at most)
 
 
@@ -280,6 +281,17 @@ class Reader:
         self.spec, self.j, self.cursor, self.preprocess = spec, j, cursor, preprocess
         self.skipped = Skipped()
         self._index_cache: dict[int, list[SampleRef]] = {}
+        self._decoded: dict[tuple[int, str], Image.Image] = {}  # (shard, key) -> RGB image
+        self._decoded_bytes = 0
+
+    def _remember(self, key: tuple[int, str], img: Image.Image) -> None:
+        """Keep decoded images while they fit DECODED_CACHE_BYTES: a small pool is read for many epochs
+        (the tiny demo's curated set 70 times), and open + decode were a third of the loader's time.
+        The crop and resize still run per epoch, on the same pixels a fresh decode would give."""
+        size = img.width * img.height * 3
+        if self._decoded_bytes + size <= DECODED_CACHE_BYTES:
+            self._decoded[key] = img
+            self._decoded_bytes += size
 
     def _windows(self, epoch: int) -> list[list[int]]:
         mine = assign_shards(self.spec.sizes, self.spec.readers, self.spec.seed, epoch)[self.j]
@@ -327,7 +339,7 @@ class Reader:
                         s, i = order[pos]
                         pos += 1
                         seen += 1
-                        sample = self._decode(files[s], self._index(s)[i], epoch) if files[s] else None
+                        sample = self._decode(files[s], s, self._index(s)[i], epoch) if files[s] else None
                         if sample is not None:
                             yielded = True
                             yield sample, (epoch, w, pos)
@@ -348,7 +360,7 @@ class Reader:
                     raise NoUsableSamples(no_usable_message(self.j, self.spec.readers, shards, seen, skipped))
             epoch, w, pos = epoch + 1, 0, 0
 
-    def _decode(self, f: io.BufferedReader, ref: SampleRef, epoch: int) -> dict[str, Any] | None:
+    def _decode(self, f: io.BufferedReader, shard: int, ref: SampleRef, epoch: int) -> dict[str, Any] | None:
         try:
             raw = read_members(f, ref)
         except OSError:
@@ -377,20 +389,23 @@ class Reader:
             return None
         image = None
         if self.preprocess is not None:
-            image = self._image(raw[img_ext], seed, epoch, uid)
+            image = self._image(raw[img_ext], seed, epoch, uid, (shard, ref.key))
             if image is None:
                 self.skipped.add("decode_error")
                 return None
         return {"uid": uid, "source": choice[0], "text": choice[1], "image": image}
 
-    def _image(self, data: bytes, seed: int, epoch: int, uid: str) -> Any:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                _decode_at_least(im, getattr(self.preprocess, "size", None))
-                im.load()
-                img = im.convert("RGB")
-        except Exception:  # any decoder failure is a bad sample, never a crash
-            return None
+    def _image(self, data: bytes, seed: int, epoch: int, uid: str, key: tuple[int, str]) -> Any:
+        img = self._decoded.get(key)
+        if img is None:
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    _decode_at_least(im, getattr(self.preprocess, "size", None))
+                    im.load()
+                    img = im.convert("RGB")
+            except Exception:  # any decoder failure is a bad sample, never a crash
+                return None
+            self._remember(key, img)
         rng = random.Random(int(unit_draw(seed, epoch, uid, "aug") * 2**62))
         return self.preprocess(img, rng)
 

@@ -303,3 +303,24 @@ def test_a_large_jpeg_decodes_at_the_trained_size_and_looks_the_same():
     with Image.open(io.BytesIO(buf.getvalue())) as im:
         _decode_at_least(im, (48, 48))  # 1/4 scale would be 32 px < 48: libjpeg picks 1/2
         assert im.convert("RGB").size == (64, 64)
+
+
+def test_images_kept_decoded_give_the_same_batches_as_decoding_every_time(tmp_path, monkeypatch):
+    """Two epochs, so every image is read twice: the decoded-image cache yields exactly the tensors a
+    decode per read gives (the crop is redrawn per epoch from the same pixels)."""
+    import torch
+
+    from pairsift.trainer import data
+    from pairsift.trainer.data import TrainTransform
+
+    write_shards(tmp_path / "s", 120, 40, seed=7, image_size=48)
+    transform = TrainTransform({"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3})
+
+    def two_epochs():
+        loader = TrainLoader(spec_for(tmp_path / "s", readers=2, chunk=10), 1, 0, 0, None, transform, None)
+        return [loader.next_batch()["images"] for _ in range(12)]
+
+    cached = two_epochs()
+    monkeypatch.setattr(data, "DECODED_CACHE_BYTES", 0)
+    fresh = two_epochs()
+    assert all(torch.equal(a, b) for a, b in zip(cached, fresh, strict=True))
