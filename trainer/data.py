@@ -412,8 +412,8 @@ class Reader:
 
 def _decode_at_least(im: Image.Image, size: tuple[int, int] | None) -> None:
     """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the trained (h, w) size: the
-    DCT does the downscaling, so a 64 px image trained at 32 px decodes about 3x faster and the resize
-    after the crop has a quarter of the pixels to read. Other formats decode in full."""
+    DCT does the downscaling, so a 64 px image trained at 32 px decodes a quarter of the pixels and the
+    resize after the crop reads a quarter as many. Other formats decode in full."""
     if size is not None and im.format == "JPEG":
         im.draft("RGB", (size[1], size[0]))
 
