@@ -1,7 +1,9 @@
 """`pairsift demo`: does curating make a model better, and by how much? Offline, on a laptop.
 
 1. Synthesize a web corpus (long-tailed concepts, mismatched/boilerplate/duplicate captions, broken
-   files, dead links), a clean seed set and a clean balanced test set; serve the pool on 127.0.0.1.
+   files, dead links), a clean seed set and a clean balanced test set; serve the pool on 127.0.0.1 at a
+   fixed port (it is in every URL, hence in every uid: a fixed one makes two runs of a seed identical).
+   Sizes are data: configs/demo/sizes.yaml.
 2. Train a small filtering network on the seed set (Data Filtering Networks: the filter is a CLIP
    trained on trusted data) and load it into the clip_score stage by path.
 3. Curate the pool with configs/demo.yaml on local Ray: text filter -> download -> image filter ->
