@@ -27,7 +27,16 @@ system-deps:
 vllm-venv:
 	bash tests/vllm_cpu/make_venv.sh
 
-demo: setup
+# `make demo` installs only what the demo runs: no test tools or recaption models (the dev and recaption
+# extras), no Debian packages (WordNet and Chromium serve the metadata builder and the report test).
+# A venv that `make setup` / `make test` already filled is used as it is.
+$(BIN)/.installed-demo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+demo: $(if $(wildcard $(BIN)/.installed),$(BIN)/.installed,$(BIN)/.installed-demo)
 	$(BIN)/pairsift demo
 
 test: setup vllm-venv

@@ -333,12 +333,13 @@ def demo(
     executor: Annotated[str, typer.Option(help="ray or local")] = "ray",
     threads: Annotated[int | None, typer.Option(help="torch threads per training (1 on a busy machine)")] = None,
     ablations: Annotated[bool, typer.Option(help="also train on filter-only and balance-only curation")] = False,
+    port: Annotated[int, typer.Option(help="127.0.0.1 port the synthetic web is served on (part of every URL)")] = 8766,
 ) -> None:
     """Prove what curation buys: synthesize a web, train a filter network, curate on local Ray, then
     train the same CLIP on the raw pool and on the curated shards and compare them on a clean test set."""
     from pairsift.pipeline.demo import run_demo
 
-    run_demo(out, size=size, seed=seed, executor=executor, threads=threads, ablations=ablations)
+    run_demo(out, size=size, seed=seed, executor=executor, threads=threads, ablations=ablations, port=port)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,7 +1,9 @@
 """`pairsift demo`: does curating make a model better, and by how much? Offline, on a laptop.
 
 1. Synthesize a web corpus (long-tailed concepts, mismatched/boilerplate/duplicate captions, broken
-   files, dead links), a clean seed set and a clean balanced test set; serve the pool on 127.0.0.1.
+   files, dead links), a clean seed set and a clean balanced test set; serve the pool on 127.0.0.1 at a
+   fixed port (it is in every URL, hence in every uid: a fixed one makes two runs of a seed identical).
+   Sizes are data: configs/demo/sizes.yaml.
 2. Train a small filtering network on the seed set (Data Filtering Networks: the filter is a CLIP
    trained on trusted data) and load it into the clip_score stage by path.
 3. Curate the pool with configs/demo.yaml on local Ray: text filter -> download -> image filter ->
@@ -17,53 +19,87 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from pairsift.configs import TINY_MODEL
+from pairsift.configs import CONFIGS_DIR, TINY_MODEL
 from pairsift.pipeline.config import load_config
 from pairsift.pipeline.errors import UserError
 
+# The corpus's URLs name this port, and every uid hashes its URL, so MetaCLIP's (seed, uid) draws depend
+# on it: a fixed port (not a free one picked per run) makes two runs of one seed curate the same pairs.
+DEMO_PORT = 8766
+DEMO_SIZES_FILE = CONFIGS_DIR / "demo" / "sizes.yaml"
+
 
 class DemoSize(BaseModel):
-    pool: int
-    shard_size: int
-    n_concepts: int = 48
-    zipf: float = 1.1
-    seed_pairs: int
-    test_per_concept: int
-    filter_steps: int
-    train_steps: int
-    batch_size: int
+    """One entry of configs/demo/sizes.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: int = Field(gt=0)
+    shard_size: int = Field(gt=0)
+    n_concepts: int = Field(48, gt=1)
+    zipf: float = Field(1.1, gt=0)
+    seed_pairs: int = Field(gt=0)
+    test_per_concept: int = Field(gt=0)
+    filter_steps: int = Field(gt=0)
+    train_steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
     # torch threads per training. One is the robust default: OpenMP threads wait for each other when
     # one is descheduled, and on a shared 2-core machine 2 threads trained 6x slower than 1. Two are
     # faster on an idle machine (`--threads 2`). Results are exact for a fixed count.
-    threads: int = 1
+    threads: int = Field(1, gt=0)
 
 
-DEMO_SIZES = {
-    # a smoke run (the test suite's): the same pipeline and comparison in about a minute
-    "tiny": DemoSize(pool=2_000, shard_size=1_000, seed_pairs=1_920, test_per_concept=20, filter_steps=100,
-                     train_steps=100, batch_size=128),
-    "small": DemoSize(pool=6_000, shard_size=2_000, seed_pairs=1_920, test_per_concept=20, filter_steps=250,
-                      train_steps=250, batch_size=128),
-    "default": DemoSize(pool=60_000, shard_size=10_000, seed_pairs=1_920, test_per_concept=50, filter_steps=300,
-                        train_steps=600, batch_size=256),
-    # more concepts and a steeper Zipf, so the tail is really rare
-    "large": DemoSize(pool=150_000, shard_size=10_000, n_concepts=96, zipf=1.3, seed_pairs=3_840,
-                      test_per_concept=50, filter_steps=400, train_steps=1_200, batch_size=256),
-}
+def demo_sizes(path: Path = DEMO_SIZES_FILE) -> dict[str, DemoSize]:
+    """The named sizes, validated; a malformed file is one UserError naming it."""
+    try:
+        return TypeAdapter(dict[str, DemoSize]).validate_python(yaml.safe_load(path.read_text()))
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not a readable demo sizes file ({e})") from None
+
+
+@contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time to phases[name] (the README's per-phase breakdown comes from these)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def _check_port_free(port: int) -> None:
+    """One clear line if the demo's web cannot be served on 127.0.0.1:`port` (taken, or out of range)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as the HTTP server will: the last run's connections in TIME_WAIT do not make the port taken
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except (OSError, OverflowError) as e:
+            raise UserError(f"cannot serve the demo on 127.0.0.1:{port} ({getattr(e, 'strerror', None) or e}); "
+                            "pick another port with --port") from None
 
 
 def _train(data: Path, out: Path, steps: int, batch_size: int, seed: int, threads: int) -> Path:
     from pairsift.trainer.config import build_config
     from pairsift.trainer.train import train
 
+    # data.workers=1: a DataLoader worker decodes the next batches on the second core while this process
+    # trains (in-process, the loader was 43% of a training's time); the batches are the same as with none.
     cfg = build_config({
-        "out": str(out), "model": str(TINY_MODEL), "data": {"train": str(data)}, "steps": steps,
+        "out": str(out), "model": str(TINY_MODEL), "data": {"train": str(data), "workers": 1}, "steps": steps,
         "batch_size": batch_size, "lr": 0.002, "warmup": min(50, steps // 10), "weight_decay": 0.2,
         "threads": threads, "seed": seed, "progress": True, "checkpoint_every": 0,
     })
@@ -147,34 +183,37 @@ def ablation_run(cfg, run_dir: Path, drop_label: str, out: Path):
 
 
 def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "ray",
-             threads: int | None = None, ablations: bool = False) -> dict[str, Any]:
+             threads: int | None = None, ablations: bool = False, port: int = DEMO_PORT) -> dict[str, Any]:
     from pairsift.pipeline.report_text import console, print_funnel, print_summary
     from pairsift.pipeline.runner import run_pipeline
-    from pairsift.pipeline.serve import free_port, serve
+    from pairsift.pipeline.serve import serve
     from pairsift.pipeline.synth import synthesize
     from pairsift.trainer.eval import evaluate_checkpoint
 
-    if size not in DEMO_SIZES:
-        raise UserError(f"unknown demo size {size!r}; sizes: {', '.join(DEMO_SIZES)}")
-    plan = DEMO_SIZES[size]
+    sizes = demo_sizes()
+    if size not in sizes:
+        raise UserError(f"unknown demo size {size!r}; sizes: {', '.join(sizes)}")
+    plan = sizes[size]
     if threads is not None:
         plan = plan.model_copy(update={"threads": threads})
     corpus, run_dir, models = out / "corpus", out / "run", out / "models"
-    started = time.perf_counter()
+    started, phases = time.perf_counter(), {}
     if corpus.exists():  # a demo is a fresh experiment: a new seed or size must not reuse an old pool
         shutil.rmtree(out)
-    port = free_port()
+    _check_port_free(port)  # fail in a second, not after synthesis and the filter training
     console.print(f"[1/5] synthesizing a {plan.pool:,}-pair web corpus, a clean seed set and a test set in {corpus}")
-    summary = synthesize(corpus, n=plan.pool, seed=seed, base_url=f"http://127.0.0.1:{port}",
-                         n_concepts=plan.n_concepts, zipf=plan.zipf, seed_size=plan.seed_pairs,
-                         test_per_concept=plan.test_per_concept)
-    (corpus / "metadata.txt").write_text("\n".join(summary.concepts) + "\n")
+    with _timed(phases, "synthesize"):
+        summary = synthesize(corpus, n=plan.pool, seed=seed, base_url=f"http://127.0.0.1:{port}",
+                             n_concepts=plan.n_concepts, zipf=plan.zipf, seed_size=plan.seed_pairs,
+                             test_per_concept=plan.test_per_concept)
+        (corpus / "metadata.txt").write_text("\n".join(summary.concepts) + "\n")
 
     console.print(f"[2/5] training the filter network on {plan.seed_pairs:,} clean seed pairs")
-    filter_net = _train(corpus / "seed", models / "filter-network", plan.filter_steps, plan.batch_size, seed,
-                        plan.threads)
+    with _timed(phases, "train filter network"):
+        filter_net = _train(corpus / "seed", models / "filter-network", plan.filter_steps, plan.batch_size, seed,
+                            plan.threads)
 
-    with serve(corpus, port=port) as server:
+    with serve(corpus, port=port) as server, _timed(phases, "serve + curate (Ray)"):
         console.print(f"[3/5] curating the pool served at {server.url} with configs/demo.yaml on {executor}")
         cfg = load_config("demo", {
             "run_dir": str(run_dir), "input.path": str(corpus / "urls.parquet"),
@@ -197,14 +236,17 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, executor: str = "r
     for number, (name, data) in enumerate(trainings, start=1):
         console.print(f"[{4 if number < len(trainings) else 5}/5] training the same CLIP for {plan.train_steps} "
                       f"steps x {plan.batch_size} on {name}, then evaluating on the clean test set")
-        final = _train(data, models / name.split()[0], plan.train_steps, plan.batch_size, seed, plan.threads)
-        result = evaluate_checkpoint(final, corpus / "test")
+        with _timed(phases, f"train on {name.split()[0]}"):
+            final = _train(data, models / name.split()[0], plan.train_steps, plan.batch_size, seed, plan.threads)
+        with _timed(phases, f"evaluate {name.split()[0]}"):
+            result = evaluate_checkpoint(final, corpus / "test")
         head, tail = _head_tail(result, summary.zipf_order)
         rows.append({"name": name.split()[0], "train_samples": _samples_in(data),
                      "top1": result["top1"], "head_top1": head, "tail_top1": tail, "i2t_r1": result.get("i2t_r1")})
     quality = filter_quality(run_dir, corpus)
     comparison = {"rows": rows, "filter": quality, "size": size, "seed": seed,
-                  "samples_seen": plan.train_steps * plan.batch_size, "seconds": time.perf_counter() - started}
+                  "samples_seen": plan.train_steps * plan.batch_size, "seconds": time.perf_counter() - started,
+                  "phases": phases}
     (run_dir / "report").mkdir(parents=True, exist_ok=True)
     (run_dir / "report" / "comparison.json").write_text(json.dumps(comparison, indent=2))
     print_comparison(comparison)

@@ -39,6 +39,8 @@ from pairsift.trainer.config import CaptionConfig, ConfigError
 
 IMAGE_EXTS = tuple(EXTENSIONS)  # the member names an image may have in a shard
 Cursor = tuple[int, int, int]  # (epoch, window index, position in the window's permutation)
+DECODED_CACHE_BYTES = 256 * 2**20  # decoded images a reader keeps (the demo's default pool: ~47k × 3 KB)
+TOKEN_CACHE_MAX = 200_000  # distinct captions a stream keeps tokenized (200k x 77 int64 = 120 MB at most)
 
 
 # ---------------------------------------------------------------- shard lists and sizes
@@ -281,6 +283,17 @@ class Reader:
         self.spec, self.j, self.cursor, self.preprocess = spec, j, cursor, preprocess
         self.skipped = Skipped()
         self._index_cache: dict[int, list[SampleRef]] = {}
+        self._decoded: dict[tuple[int, str], Image.Image] = {}  # (shard, key) -> RGB image
+        self._decoded_bytes = 0
+
+    def _remember(self, key: tuple[int, str], img: Image.Image) -> None:
+        """Keep decoded images while they fit DECODED_CACHE_BYTES: a small pool is read for many epochs
+        (the tiny demo's curated set 70 times), and open + decode were a third of the loader's time.
+        The crop and resize still run per epoch, on the same pixels a fresh decode would give."""
+        size = img.width * img.height * 3
+        if self._decoded_bytes + size <= DECODED_CACHE_BYTES:
+            self._decoded[key] = img
+            self._decoded_bytes += size
 
     def _windows(self, epoch: int) -> list[list[int]]:
         mine = assign_shards(self.spec.sizes, self.spec.readers, self.spec.seed, epoch)[self.j]
@@ -328,7 +341,7 @@ class Reader:
                         s, i = order[pos]
                         pos += 1
                         seen += 1
-                        sample = self._decode(files[s], self._index(s)[i], epoch) if files[s] else None
+                        sample = self._decode(files[s], s, self._index(s)[i], epoch) if files[s] else None
                         if sample is not None:
                             yielded = True
                             yield sample, (epoch, w, pos)
@@ -349,7 +362,7 @@ class Reader:
                     raise NoUsableSamples(no_usable_message(self.j, self.spec.readers, shards, seen, skipped))
             epoch, w, pos = epoch + 1, 0, 0
 
-    def _decode(self, f: io.BufferedReader, ref: SampleRef, epoch: int) -> dict[str, Any] | None:
+    def _decode(self, f: io.BufferedReader, shard: int, ref: SampleRef, epoch: int) -> dict[str, Any] | None:
         try:
             raw = read_members(f, ref)
         except OSError:
@@ -378,21 +391,33 @@ class Reader:
             return None
         image = None
         if self.preprocess is not None:
-            image = self._image(raw[img_ext], seed, epoch, uid)
+            image = self._image(raw[img_ext], seed, epoch, uid, (shard, ref.key))
             if image is None:
                 self.skipped.add("decode_error")
                 return None
         return {"uid": uid, "source": choice[0], "text": choice[1], "image": image}
 
-    def _image(self, data: bytes, seed: int, epoch: int, uid: str) -> Any:
-        try:
-            with open_image(data) as im:
-                im.load()
-                img = im.convert("RGB")
-        except Exception:  # any decoder failure is a bad sample, never a crash
-            return None
+    def _image(self, data: bytes, seed: int, epoch: int, uid: str, key: tuple[int, str]) -> Any:
+        img = self._decoded.get(key)
+        if img is None:
+            try:
+                with open_image(data) as im:
+                    _decode_at_least(im, getattr(self.preprocess, "size", None))
+                    im.load()
+                    img = im.convert("RGB")
+            except Exception:  # any decoder failure is a bad sample, never a crash
+                return None
+            self._remember(key, img)
         rng = random.Random(int(unit_draw(seed, epoch, uid, "aug") * 2**62))
         return self.preprocess(img, rng)
+
+
+def _decode_at_least(im: Image.Image, size: tuple[int, int] | None) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the trained (h, w) size: the
+    DCT does the downscaling, so a 64 px image trained at 32 px decodes a quarter of the pixels and the
+    resize after the crop reads a quarter as many. Other formats decode in full."""
+    if size is not None and im.format == "JPEG":
+        im.draft("RGB", (size[1], size[0]))
 
 
 class TrainTransform:
@@ -463,6 +488,7 @@ class HostStream:
                  preprocess: Callable | None, tokenizer: Callable | None):
         self.spec, self.reader_ids = spec, reader_ids
         self.cursors, self.preprocess, self.tokenizer = cursors, preprocess, tokenizer
+        self._token_cache: dict[str, torch.Tensor] = {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         readers = [Reader(self.spec, j, self.cursors[j], self.preprocess) for j in self.reader_ids]
@@ -487,8 +513,19 @@ class HostStream:
             part["images"] = torch.stack([s["image"] for s in samples])
         part["captions"] = [s["text"] for s in samples]
         if self.tokenizer is not None:
-            part["texts"] = self.tokenizer(part["captions"])
+            part["texts"] = self._tokens(part["captions"])
         return part
+
+    def _tokens(self, captions: list[str]) -> torch.Tensor:
+        """Tokenize each distinct caption once per stream: a small pool is seen for many epochs, and
+        BPE in Python was a fifth of the loader's time. The cache is bounded so a huge pool cannot grow it."""
+        cache = self._token_cache
+        new = list(dict.fromkeys(c for c in captions if c not in cache))
+        if new:
+            if len(cache) + len(new) > TOKEN_CACHE_MAX:
+                cache.clear()
+            cache.update(zip(new, self.tokenizer(new)))
+        return torch.stack([cache[c] for c in captions])
 
 
 class ShardStream(IterableDataset):

@@ -265,3 +265,73 @@ def test_resuming_at_the_end_of_an_epoch_is_not_an_empty_epoch(tmp_path):
     batch = loader.next_batch()
     assert len(batch["uids"]) == 8 and loader.cursors[0] == (1, 0, 8)
     assert batch["uids"] == caption_loader(spec, cursors={0: (1, 0, 0)}).next_batch()["uids"]
+
+
+def test_each_distinct_caption_is_tokenized_once_and_tokens_match_the_tokenizer(tmp_path):
+    """The per-stream token cache changes nothing but the work: three epochs cost one tokenization per
+    distinct caption, and every batch's tokens are the tokenizer's own for its captions."""
+    import open_clip
+    import torch
+
+    tokenize = open_clip.get_tokenizer("ViT-B-32")
+    calls = Counter()
+
+    def counting(captions):
+        calls.update(captions)
+        return tokenize(captions)
+
+    write_shards(tmp_path / "s", 200, 50, seed=5)
+    loader = TrainLoader(spec_for(tmp_path / "s", readers=2, chunk=10), 1, 0, 0, None, None, counting)
+    seen = set()
+    for _ in range(30):  # 600 samples = three epochs
+        batch = loader.next_batch()
+        assert torch.equal(batch["texts"], tokenize(batch["captions"]))
+        seen.update(batch["captions"])
+    assert set(calls) == seen and set(calls.values()) == {1}
+
+
+def test_a_large_jpeg_decodes_at_the_trained_size_and_looks_the_same():
+    """libjpeg's scaled decode (draft) is used when it still covers the trained size: a 128 px JPEG
+    trained at 32 px decodes at 32 px, within a few grey levels of a full decode resized with PIL."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pairsift.trainer.data import _decode_at_least
+
+    y, x = np.mgrid[0:128, 0:128]
+    picture = np.stack([x * 2, y * 2, (x + y)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, "JPEG", quality=95)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        _decode_at_least(im, (32, 32))
+        small = im.convert("RGB")
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        full = im.convert("RGB").resize((32, 32), Image.BICUBIC)
+    assert small.size == (32, 32)
+    assert np.abs(np.asarray(small, np.int16) - np.asarray(full, np.int16)).mean() < 3
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        _decode_at_least(im, (48, 48))  # 1/4 scale would be 32 px < 48: libjpeg picks 1/2
+        assert im.convert("RGB").size == (64, 64)
+
+
+def test_images_kept_decoded_give_the_same_batches_as_decoding_every_time(tmp_path, monkeypatch):
+    """Two epochs, so every image is read twice: the decoded-image cache yields exactly the tensors a
+    decode per read gives (the crop is redrawn per epoch from the same pixels)."""
+    import torch
+
+    from pairsift.trainer import data
+    from pairsift.trainer.data import TrainTransform
+
+    write_shards(tmp_path / "s", 120, 40, seed=7, image_size=48)
+    transform = TrainTransform({"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3})
+
+    def two_epochs():
+        loader = TrainLoader(spec_for(tmp_path / "s", readers=2, chunk=10), 1, 0, 0, None, transform, None)
+        return [loader.next_batch()["images"] for _ in range(12)]
+
+    cached = two_epochs()
+    monkeypatch.setattr(data, "DECODED_CACHE_BYTES", 0)
+    fresh = two_epochs()
+    assert all(torch.equal(a, b) for a, b in zip(cached, fresh, strict=True))
