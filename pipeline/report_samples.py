@@ -2,7 +2,7 @@
 
 Samples are the smallest hashes of uid per group (same picks every time, streaming, no sort of the
 pool), and thumbnails come only from the tars those samples live in. Rows dropped with a reason a
-stage's contract declares private (``blocklisted``) never have their image read, let alone shown.
+stage's contract declares private (a known-bad image) never have their image read, let alone shown.
 """
 
 from __future__ import annotations

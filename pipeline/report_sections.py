@@ -283,7 +283,7 @@ def caption_block(view: RunView, label: str, column: str) -> dict | None:
     if column not in types:
         return None
     source, new = sql_ident(label), sql_ident(column)
-    if types[column].endswith("[]"):  # several captions per row (rewrites)
+    if types[column].endswith("[]"):  # a list column: several captions per row
         produced, after_sql, new_list = f"len(r.{new}) > 0", f"SELECT unnest({new}) AS x FROM {source}", f"r.{new}"
     else:
         produced, after_sql, new_list = f"r.{new} IS NOT NULL", f"SELECT {new} AS x FROM {source}", f"[r.{new}]"
