@@ -44,7 +44,10 @@ class RunView:
 
     def contract(self, label: str) -> Contract:
         stage = self.stage(label)
-        return stage.contract() if stage is not None else Contract()
+        try:
+            return stage.contract() if stage is not None else Contract()
+        except Exception:  # noqa: BLE001 - an unvalidated old config: its sections stay empty, the page is written
+            return Contract()
 
     def column_types(self, label: str) -> dict[str, str]:
         return {row[0]: row[1] for row in self.con.execute(f"DESCRIBE {sql_ident(label)}").fetchall()}
