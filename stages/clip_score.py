@@ -285,7 +285,8 @@ class ClipScore(Stage):
         if self.cfg.store_embeddings:
             writes |= {IMAGE_EMBEDDING: pa.list_(pa.float16()), TEXT_EMBEDDING: pa.list_(pa.float16())}
         return Contract(reads=(IMAGE, CAPTION), writes=writes, reasons=(DECODE_ERROR, NO_IMAGE),
-                        bulky=(IMAGE_EMBEDDING, TEXT_EMBEDDING), scores={SCORE: ScoreSpec("clip_score (cosine similarity of image and caption)")})
+                        bulky=(IMAGE_EMBEDDING, TEXT_EMBEDDING),
+                        scores={SCORE: ScoreSpec("clip_score (cosine similarity of image and caption)")})
 
     @property
     def resources(self) -> Resources:
@@ -386,7 +387,8 @@ class ClipFilter(PoolStage):
     def contract(self) -> Contract:
         rule = "fixed" if self.cfg.fraction is None else f"top {self.cfg.fraction:.0%} of the pool"
         return Contract(reads=(SCORE,), reasons=(BELOW_THRESHOLD, NO_SCORE),
-                        scores={SCORE: ScoreSpec("clip_score (cosine similarity of image and caption)", threshold="threshold", rule=rule)})
+                        scores={SCORE: ScoreSpec("clip_score (cosine similarity of image and caption)",
+                                                 threshold="threshold", rule=rule)})
 
     @staticmethod
     def _scores(shard: pa.Table) -> pa.ChunkedArray:
