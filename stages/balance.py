@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from pairsift.stages.base import Contract, PoolStage, StageConfig, with_reason
+from pairsift.stages.base import ConceptSpec, Contract, PoolStage, StageConfig, with_reason
 from pairsift.stages.matching import MATCHED_ENTRIES_TYPE, Matcher
 from pairsift.stages.metadata import Metadata, load_metadata
 
@@ -79,8 +79,10 @@ class Balance(PoolStage):
 
     def contract(self) -> Contract:
         writes = {"matched_entries": pa.list_(pa.int32()), "n_matches": pa.int32(), "keep_prob": pa.float32()}
+        entries = ConceptSpec("MetaCLIP entries", names="counts", cap="t")
         return Contract(reads=(CAPTION,), writes=writes, reasons=(REASON_NO_MATCH, REASON_BALANCED_OUT),
-                        bulky=("matched_entries",))
+                        bulky=("matched_entries",), concepts={"matched_entries": entries},
+                        weight="keep_prob" if self.cfg.online else None)
 
     def setup(self) -> None:
         metadata = self.metadata

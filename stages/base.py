@@ -38,6 +38,24 @@ class Resources(BaseModel):
 
 
 @dataclass(frozen=True)
+class ScoreSpec:
+    """A number a stage writes or cuts at, worth a histogram in the report."""
+
+    label: str  # what the number means, as an axis label
+    threshold: str | None = None  # the key of this stage's fit holding the cutoff it applies
+    rule: str = ""  # how that cutoff was chosen, in words ("top 70% of the pool")
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """A list column naming what each row matched (metadata entries, kinds of PII): counted per value."""
+
+    label: str
+    names: str | None = None  # a fit table (entry_id, entry, source) naming integer values
+    cap: str | None = None  # the fit key holding the per-concept cap that balancing applies
+
+
+@dataclass(frozen=True)
 class Contract:
     """What a stage reads, writes and drops with. The engine asks this (to validate a config before
     Ray starts, to read only the columns a stage needs, to know which reasons a retry may cure) and
@@ -57,6 +75,14 @@ class Contract:
     # reason -> the largest share of a stage's rows it may take before the run stops: past it, the
     # environment is failing (a dead resolver), not the data
     abort_shares: dict[str, float] = field(default_factory=dict)
+    # What the report shows, so that it never names a stage or a column: columns worth a histogram
+    # (written here, or read and cut at with a fitted threshold), list columns of matched concepts, a
+    # column of keep probabilities (rows kept in expectation), and reasons whose rows' images must
+    # never be shown (blocklisted: not even as a thumbnail in a local file)
+    scores: dict[str, ScoreSpec] = field(default_factory=dict)
+    concepts: dict[str, ConceptSpec] = field(default_factory=dict)
+    weight: str | None = None
+    private_reasons: tuple[str, ...] = ()
 
 
 class Stage(ABC):

@@ -116,7 +116,8 @@ class UrlBlocklist(Stage):
         self.entries: dict[str, dict[str, str]] | None = None  # kind -> entry -> list name
 
     def contract(self) -> Contract:
-        return Contract(reads=("url",), writes={BLOCKLIST: pa.string()}, reasons=(BLOCKLISTED,))
+        return Contract(reads=("url",), writes={BLOCKLIST: pa.string()}, reasons=(BLOCKLISTED,),
+                        private_reasons=(BLOCKLISTED,))
 
     def setup(self) -> None:
         entries: dict[str, dict[str, str]] = {"url": {}, "host": {}, "registered_domain": {}}
@@ -242,7 +243,7 @@ class HashBlocklist(Stage):
 
     def contract(self) -> Contract:
         return Contract(reads=(IMAGE,), writes={BLOCKLIST: pa.string(), "blocklist_hash": pa.string()},
-                        reasons=(BLOCKLISTED,))
+                        reasons=(BLOCKLISTED,), private_reasons=(BLOCKLISTED,))
 
     def setup(self) -> None:
         self.lists = HashLists(self.cfg.lists)

@@ -28,7 +28,16 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from pairsift.common.clip_models import LOCAL_DIR, load_clip, looks_like_path
-from pairsift.stages.base import IMAGE, Contract, PoolStage, Resources, Stage, StageConfig, with_reason
+from pairsift.stages.base import (
+    IMAGE,
+    Contract,
+    PoolStage,
+    Resources,
+    ScoreSpec,
+    Stage,
+    StageConfig,
+    with_reason,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -276,7 +285,8 @@ class ClipScore(Stage):
         if self.cfg.store_embeddings:
             writes |= {IMAGE_EMBEDDING: pa.list_(pa.float16()), TEXT_EMBEDDING: pa.list_(pa.float16())}
         return Contract(reads=(IMAGE, CAPTION), writes=writes, reasons=(DECODE_ERROR, NO_IMAGE),
-                        bulky=(IMAGE_EMBEDDING, TEXT_EMBEDDING))
+                        bulky=(IMAGE_EMBEDDING, TEXT_EMBEDDING),
+                        scores={SCORE: ScoreSpec("clip_score (cosine similarity of image and caption)")})
 
     @property
     def resources(self) -> Resources:
@@ -375,7 +385,10 @@ class ClipFilter(PoolStage):
     cfg: ClipFilterConfig
 
     def contract(self) -> Contract:
-        return Contract(reads=(SCORE,), reasons=(BELOW_THRESHOLD, NO_SCORE))
+        rule = "fixed" if self.cfg.fraction is None else f"top {self.cfg.fraction:.0%} of the pool"
+        return Contract(reads=(SCORE,), reasons=(BELOW_THRESHOLD, NO_SCORE),
+                        scores={SCORE: ScoreSpec("clip_score (cosine similarity of image and caption)",
+                                                 threshold="threshold", rule=rule)})
 
     @staticmethod
     def _scores(shard: pa.Table) -> pa.ChunkedArray:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from pairsift.stages.base import IMAGE, Contract, Stage, StageConfig, with_reason
+from pairsift.stages.base import IMAGE, Contract, ScoreSpec, Stage, StageConfig, with_reason
 
 FACE_COUNT, FACE_AREA, FACE_BOXES = "face_count", "face_area", "face_boxes"
 NO_IMAGE, DECODE_ERROR = "no_image", "decode_error"
@@ -54,7 +54,10 @@ class Faces(Stage):
         writes = {FACE_COUNT: pa.int32(), FACE_AREA: pa.float32(), FACE_BOXES: pa.list_(pa.list_(pa.float32()))}
         if self.cfg.blur:
             writes[IMAGE] = pa.binary()
-        return Contract(reads=(IMAGE,), writes=writes, reasons=(NO_IMAGE, DECODE_ERROR), bulky=(FACE_BOXES,))
+        scores = {FACE_COUNT: ScoreSpec("faces detected per image"),
+                  FACE_AREA: ScoreSpec("share of the image covered by faces")}
+        return Contract(reads=(IMAGE,), writes=writes, reasons=(NO_IMAGE, DECODE_ERROR), bulky=(FACE_BOXES,),
+                        scores=scores)
 
     def setup(self) -> None:
         import os

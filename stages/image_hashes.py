@@ -18,7 +18,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pairsift.common.images import open_image
-from pairsift.stages.base import IMAGE, Contract, Stage, StageConfig, with_reason
+from pairsift.stages.base import IMAGE, Contract, ScoreSpec, Stage, StageConfig, with_reason
 
 NO_IMAGE, DECODE_ERROR = "no_image", "decode_error"
 
@@ -39,7 +39,9 @@ class ImageHashes(Stage):
             writes["phash"] = pa.uint64()
         if "pdq" in self.cfg.perceptual:
             writes |= {"pdq": pa.binary(32), "pdq_quality": pa.int8()}
-        return Contract(reads=(IMAGE,), writes=writes, reasons=(NO_IMAGE, DECODE_ERROR), bulky=("pdq",))
+        scores = {"pdq_quality": ScoreSpec("PDQ hash quality (0-100; low: a flat image)")} if "pdq" in writes else {}
+        return Contract(reads=(IMAGE,), writes=writes, reasons=(NO_IMAGE, DECODE_ERROR), bulky=("pdq",),
+                        scores=scores)
 
     def __call__(self, shard: pa.Table) -> pa.Table:
         rows = [self.hashes(data) if data else None for data in shard.column(IMAGE).to_pylist()]

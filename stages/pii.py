@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from pairsift.stages.base import Contract, Stage, StageConfig, with_reason
+from pairsift.stages.base import ConceptSpec, Contract, Stage, StageConfig, with_reason
 
 CAPTION, PII, REASON_PII = "caption", "pii", "pii"
 Kind = Literal["email", "phone", "address"]
@@ -45,7 +45,8 @@ class Pii(Stage):
         writes: dict[str, pa.DataType] = {PII: pa.list_(pa.string())}
         if self.cfg.action == "redact":
             writes[CAPTION] = pa.string()
-        return Contract(reads=(CAPTION,), writes=writes, reasons=(REASON_PII,) if self.cfg.action == "drop" else ())
+        return Contract(reads=(CAPTION,), writes=writes, reasons=(REASON_PII,) if self.cfg.action == "drop" else (),
+                        concepts={PII: ConceptSpec("kinds of personal data found in captions")})
 
     def __call__(self, shard: pa.Table) -> pa.Table:
         found, captions = [], []

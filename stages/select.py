@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pairsift.stages.base import Contract, PoolStage, StageConfig, with_reason
+from pairsift.stages.base import Contract, PoolStage, ScoreSpec, StageConfig, with_reason
 from pairsift.stages.clip_score import pool_threshold
 
 NOT_SELECTED, BELOW_THRESHOLD, NO_SCORE = "not_selected", "score_below_threshold", "no_score"
@@ -81,7 +81,9 @@ class Select(PoolStage):
     def contract(self) -> Contract:
         reads = tuple(dict.fromkeys(c for sql in (self.cfg.where, self.cfg.score) if sql for c in columns_in(sql)))
         writes = {SCORE: pa.float32()} if self.cfg.score else {}
-        return Contract(reads=reads, writes=writes, reasons=(NOT_SELECTED, BELOW_THRESHOLD, NO_SCORE))
+        rule = "fixed" if self.cfg.fraction is None else f"top {self.cfg.fraction:.0%} of the pool"
+        scores = {SCORE: ScoreSpec(f"score: {self.cfg.score}", threshold="threshold", rule=rule)} if writes else {}
+        return Contract(reads=reads, writes=writes, reasons=(NOT_SELECTED, BELOW_THRESHOLD, NO_SCORE), scores=scores)
 
     def evaluate(self, shard: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """(passes ``where``, score as float32 with NaN where missing) per row."""

@@ -49,7 +49,7 @@ POOL = 600
 # A caption a hostile page could carry: if the report ever inserted it unescaped, the script would
 # run (CSP aside) and the markup would break out of the attribute it sits in.
 HOSTILE = ' <script>document.title="pwned"</script> "quoted" & <b onmouseover=alert(1)>bold</b>'
-SECTIONS = ("funnel", "clip-score", "balance", "captions", "samples", "stages", "comparison", "config")
+SECTIONS = ("funnel", "scores", "concepts", "captions", "samples", "stages", "comparison", "config")
 COMPARISON = [
     {"name": "pool", "zero_shot_top1": 16.7, "head_top1": 17.1, "tail_top1": 15.9, "i2t_recall_at_1": 0.061},
     {"name": "curated", "zero_shot_top1": 52.2, "head_top1": 53.0, "tail_top1": 50.4, "i2t_recall_at_1": 0.214},
@@ -164,15 +164,16 @@ def test_numbers_match_the_catalog(reported):
     assert shown == expected and expected["ingest"][0] == POOL
 
     # CLIP score: the threshold the filter fitted; kept = rows at or above it
-    (clip,) = context["clip"]
+    (clip,) = context["scores"]
     threshold = json.loads(run.fit("clip_filter").read_text())["values"]["threshold"]
     scores = pa.concat_tables([pq.read_table(p) for p in run.parts("clip_score")])
     values = scores.column("clip_score").to_numpy()
-    assert clip["threshold"] == f"{threshold:.4f}" and clip["n"] == len(values)
+    assert (clip["label"], clip["column"], clip["filter"]) == ("clip_score", "clip_score", "clip_filter")
+    assert clip["threshold"] == f"{threshold:.4f}" and clip["n"] == len(values) and clip["rule"] == "top 70% of the pool"
     assert clip["kept"] == int((values.astype(np.float32) >= np.float32(threshold)).sum())
 
     # balancing: before/after entry counts recomputed here from the balance parts with numpy
-    (block,) = context["balance"]
+    (block,) = context["concepts"]
     parts = pa.concat_tables([pq.read_table(p) for p in run.parts("balance")])
     matched = pc.list_flatten(parts.column("matched_entries")).to_numpy()
     kept_rows = pc.is_null(parts.column("reason"))
@@ -441,7 +442,7 @@ def test_report_in_headless_chromium(reported):
     facts = inspect_page(index, ARTIFACTS / "report.png")
     assert facts["sections"] == list(SECTIONS)
     assert all(h.strip() for h in facts["headings"]) and len(facts["headings"]) == len(SECTIONS)
-    # every image decoded: 5 charts (funnel, CLIP, balance, captions, stage times) and the thumbnails
+    # every image decoded: 5 charts (funnel, CLIP score, concepts, captions, stage times) and the thumbnails
     expected_images = len(parse(index).images)
     thumbnails = sum(g["shown"] for g in context["samples"]["groups"])
     assert len(facts["images"]) == expected_images == 5 + thumbnails
