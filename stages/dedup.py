@@ -22,10 +22,10 @@ or more), and ``apply`` looks up its shard's uids in it.
 
 What the fit holds in the driver's memory (not yet bounded; the issue's distributed, spill-to-disk fit
 that processes clusters on workers is NOT built):
-* exact/pixels: one entry per distinct hash (its bytes, best uid and score, count): ~400 bytes per
-  distinct image, measured with tracemalloc in ``tests/stages/test_dedup.py``.
+* exact/pixels: one entry per distinct hash (its bytes, best uid and score, count): ~300 bytes per
+  distinct image (Python objects; peak measured with tracemalloc in ``tests/stages/test_dedup.py``).
 * perceptual: every distinct hash, its members' uids and scores, plus the hash index (one Python
-  list entry per hash per chunk): ~1 KB per row for pHash.
+  list entry per hash per chunk): ~0.9 KB per row for pHash, measured the same way.
 * semantic: every embedding (fp16: 2 x dim bytes per row, twice with ``text_eps``) plus uid and score.
 """
 

@@ -2,14 +2,12 @@
 
 Originals are drawn with ``pairsift.pipeline.synth.draw_concept`` (a random colour, shape, texture
 and size, saved as JPEG); each gets one copy of every kind in ``KINDS``. ``recall_precision`` scores a
-method's output against the families: recall = copies in their original's group, precision = the
-share of same-group pairs that really are one family.
+method's output against the families.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import random
 from collections.abc import Callable
 
@@ -73,16 +71,18 @@ def groups_of(output: pa.Table) -> dict[str, str]:
     return out
 
 
-def recall_precision(rows: list[dict], groups: dict[str, str], kind: str) -> tuple[float, float]:
-    """Of ``kind``'s copies, the share grouped with their original; of the pairs the method grouped
-    (among originals and copies of ``kind``), the share that are one family."""
+def recall_precision(rows: list[dict], output: pa.Table, kind: str) -> tuple[float, float]:
+    """Recall: the share of ``kind``'s copies in their original's group. Precision: the share of
+    dropped rows that really are a copy of the row kept for them (same family)."""
+    family = {r["uid"]: r["family"] for r in rows}
+    groups = groups_of(output)
     originals = {r["family"]: r["uid"] for r in rows if r["kind"] == "original"}
     copies = [r for r in rows if r["kind"] == kind]
     caught = sum(1 for r in copies if r["uid"] in groups and groups[r["uid"]] == groups.get(originals[r["family"]]))
-    scope = [r for r in rows if r["kind"] in ("original", kind) and r["uid"] in groups]
-    pairs = [(a, b) for a, b in itertools.combinations(scope, 2) if groups[a["uid"]] == groups[b["uid"]]]
-    true_pairs = sum(1 for a, b in pairs if a["family"] == b["family"])
-    return caught / len(copies), (true_pairs / len(pairs) if pairs else 1.0)
+    dropped = [(r["uid"], r["duplicate_of"]) for r in output.select(["uid", "duplicate_of"]).to_pylist()
+               if r["duplicate_of"] is not None]
+    right = sum(1 for uid, kept in dropped if family[uid] == family[kept])
+    return caught / len(copies), (right / len(dropped) if dropped else 1.0)
 
 
 def clustered_embeddings(n_topics: int, families_per_topic: int, copies: int, dim: int, seed: int = 0):
