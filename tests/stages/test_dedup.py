@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import random
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -170,6 +171,27 @@ def test_semantic_finds_draws_of_one_concept_and_nothing_else():
     recall, precision = recall_precision(rows, output, "draw")
     assert recall >= 0.95 and precision >= 0.95
     assert sum(r["reason"] == "semantic_duplicate" for r in out) == pytest.approx(96 * 3, abs=10)
+
+
+def test_semantic_over_a_random_init_tiny_clip_catches_copies_of_the_pixels():
+    # tiny-vit with random weights (configs/models/tiny-vit.json, nothing trained): its embeddings are
+    # nearly collinear (different drawings reach cosine 0.9988), so this checks the plumbing from
+    # clip_score's stored fp16 embeddings through SemDeDup on copies of one picture, with an eps
+    # between the two (measured: copies >= 0.99985), not semantic similarity
+    import torch
+
+    from pairsift.stages.clip_score import ClipScore, ClipScoreConfig
+
+    torch.manual_seed(0)
+    kinds = ("byte_copy", "lossless_reencode", "jpeg_quality")
+    rows = [dict(r, caption="a picture") for r in plant(40, seed=2) if r["kind"] in ("original", *kinds)]
+    table = as_table(rows, {"uid": pa.string(), "image": pa.binary(), "caption": pa.string()})
+    model = str(Path(__file__).resolve().parents[2] / "configs/models/tiny-vit.json")
+    scored = ClipScore(ClipScoreConfig(model=model, device="cpu", store_embeddings=True))(table)
+    output = run_split(dedup("semantic", clusters=4, eps=5e-4, keep="clip_score"), scored, parts=2)
+    for kind in kinds:
+        recall, precision = recall_precision(rows, output, kind)
+        assert recall >= 0.95 and precision >= 0.95, kind
 
 
 def test_semantic_keeps_the_most_prototypical_of_a_group():
