@@ -3,10 +3,10 @@
 * ``exact``: the same ``sha256`` of the downloaded bytes (download writes it).
 * ``pixels``: the same ``pixel_sha256`` of the decoded pixels (``image_hashes``): a PNG re-save of a
   JPEG's pixels matches, a lossy re-encode does not.
-* ``perceptual``: ``phash`` (or ``pdq``) within ``radius`` Hamming bits. Candidate pairs come from
-  multi-index hashing (``stages/hash_index.py``), never all pairs; groups are the connected
-  components of the near-duplicate graph (union-find), so A~B~C is one group even when A and C are
-  further apart than the radius.
+* ``perceptual``: ``phash`` (or ``pdq``, skipping rows below ``min_pdq_quality``) within ``radius``
+  bits. Candidate pairs come from multi-index hashing (``stages/hash_index.py``), never all pairs;
+  groups are the connected components of the near-duplicate graph (union-find), so A~B~C is one
+  group even when A and C are further apart than the radius.
 * ``semantic``: SemDeDup (Abbas et al., 2023) over ``image_embedding`` (``stages/semdedup.py``).
 
 Every group keeps one row and drops the rest with reason ``duplicate_image`` (``semantic_duplicate``
@@ -49,6 +49,9 @@ DUPLICATE_IMAGE, SEMANTIC_DUPLICATE = "duplicate_image", "semantic_duplicate"
 KEY_OF = {"exact": "sha256", "pixels": "pixel_sha256"}
 HASH_BYTES = {"phash": 8, "pdq": 32}
 DEFAULT_RADIUS = {"phash": 8, "pdq": 31}  # pHash: the common <= 8 of 64; PDQ: its authors' 31 of 256
+METHOD_OF_KEY = {"hash": "perceptual", "radius": "perceptual", "min_pdq_quality": "perceptual",
+                 **dict.fromkeys(("eps", "text_eps", "clusters", "sample_size", "iterations", "seed", "keep"),
+                                 "semantic")}
 
 
 class DedupConfig(StageConfig):
@@ -64,9 +67,14 @@ class DedupConfig(StageConfig):
     seed: int = Field(0, description="semantic: sample and initial centroids")
     keep: Literal["prototypical", "clip_score"] = Field(
         "prototypical", description="semantic: keep the row closest to its centroid, or the best clip_score")
+    min_pdq_quality: int = Field(50, ge=0, le=100,
+                                 description="pdq: rows with a lower pdq_quality (flat images) are not compared")
 
     @model_validator(mode="after")
     def _check(self) -> DedupConfig:
+        for key in sorted(self.model_fields_set - {"method"}):
+            if METHOD_OF_KEY[key] != self.method:
+                raise ValueError(f"{key} applies to method {METHOD_OF_KEY[key]} only, not {self.method}")
         if self.radius is not None and self.radius > HASH_BYTES[self.hash] * 8:
             raise ValueError(f"radius {self.radius} exceeds the {HASH_BYTES[self.hash] * 8} bits of {self.hash}")
         return self
@@ -87,7 +95,7 @@ class Dedup(PoolStage):
         if self.cfg.method in KEY_OF:
             return (KEY_OF[self.cfg.method],)
         if self.cfg.method == "perceptual":
-            return (self.cfg.hash,)
+            return (self.cfg.hash, "pdq_quality") if self.cfg.hash == "pdq" else (self.cfg.hash,)
         from pairsift.stages.semdedup import embedding_columns
 
         return embedding_columns(self.cfg)
@@ -102,7 +110,10 @@ class Dedup(PoolStage):
         scores = shard.column(SCORE) if SCORE in shard.column_names else pa.nulls(shard.num_rows, pa.float32())
         summary = pa.table({"uid": shard.column("uid"), **{k: shard.column(k) for k in keys},
                             SCORE: pc.cast(scores, pa.float32())})
-        return summary.filter(pc.is_valid(summary.column(keys[0])))
+        compared = pc.is_valid(summary.column(keys[0]))
+        if "pdq_quality" in keys:  # PDQ's authors: hashes of quality below 50 (flat images) match noise
+            compared = pc.and_(compared, pc.greater_equal(summary.column("pdq_quality"), self.cfg.min_pdq_quality))
+        return summary.filter(compared)
 
     def fit(self, partials: Sequence[pa.Table]) -> dict[str, Any]:
         if self.cfg.method in KEY_OF:

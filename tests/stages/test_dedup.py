@@ -148,6 +148,15 @@ def test_perceptual_groups_equal_all_pairs_components():
     assert {frozenset(g) for g in groups.values()} == brute_force_components(hashes, 8)
 
 
+def test_pdq_skips_flat_images_below_the_quality_floor():
+    same = bytes(32)
+    table = pa.table({"uid": ["a", "b", "c", "d"], "pdq": pa.array([same] * 4, pa.binary(32)),
+                      "pdq_quality": pa.array([90, 90, 10, 49], pa.int8())})
+    out = dedup("perceptual", hash="pdq")(table).to_pylist()
+    assert [r["duplicate_group_size"] for r in out] == [2, 2, None, None]
+    assert [r["reason"] for r in out] == [None, "duplicate_image", None, None]
+
+
 def semantic_table(vectors: np.ndarray, texts: np.ndarray | None = None) -> pa.Table:
     def column(m):
         return pa.array(list(m.astype(np.float16)), pa.list_(pa.float16()))
@@ -240,8 +249,11 @@ def test_fit_memory_per_row_is_as_documented():
 
 
 def test_config_errors_are_caught_before_a_run():
+    config = stage_class("dedup").config_class
     with pytest.raises(ValidationError, match="exceeds the 64 bits"):
-        stage_class("dedup").config_class(method="perceptual", radius=70)
+        config(method="perceptual", radius=70)
+    with pytest.raises(ValidationError, match="eps applies to method semantic only, not exact"):
+        config(method="exact", eps=0.1)
     with pytest.raises(UserError, match="reads image_embedding, which no earlier stage writes"):
         parse_config({"run_dir": "/tmp/unused", "input": {"path": "x.parquet"},
                       "stages": [{"stage": "download"}, {"stage": "dedup", "method": "semantic"}]})
