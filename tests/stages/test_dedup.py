@@ -26,9 +26,13 @@ from pairsift.stages import stage_class
 from pairsift.stages.dedup import UnionFind, exact_groups, perceptual_groups
 from pairsift.stages.image_hashes import ImageHashesConfig, hamming
 
-# kind -> the method meant to catch it
-MEANT_FOR = {"byte_copy": "exact", "lossless_reencode": "pixels", "lossy_reencode": "perceptual",
-             "jpeg_quality": "perceptual", "resize": "perceptual", "crop": "perceptual"}
+# kind -> the method meant to catch it, and the precision it reaches on them (measured, seed 1). pHash at
+# radius 8 reaches 0.93 on re-encodes and resizes and 0.76 on crops, short of the 0.95: it is
+# colour-blind and each drawing is one centred shape, so drawings of one shape in two colours can fall
+# within 8 bits (2 of the 1,770 pairs of originals here), and a 2% crop of one lands near the other.
+MEANT_FOR = {"byte_copy": ("exact", 1.0), "lossless_reencode": ("pixels", 1.0),
+             "lossy_reencode": ("perceptual", 0.9), "jpeg_quality": ("perceptual", 0.9),
+             "resize": ("perceptual", 0.9), "crop": ("perceptual", 0.75)}
 
 
 def dedup(method: str, **kw):
@@ -75,19 +79,11 @@ def confusion(planted):
     return out
 
 
-# Precision of pHash at radius 8 on these drawings (measured, seed 1): 0.93 on re-encodes and resizes,
-# 0.76 on crops. pHash is colour-blind and each drawing is one centred shape, so drawings of one shape in
-# two colours can fall within 8 bits (2 of the 1,770 pairs of originals here); a 2% crop of one such
-# drawing lands near another's. Exact and pixels are exact: precision 1.
-PRECISION_FLOOR = {"exact": 1.0, "pixels": 1.0, "perceptual": 0.9}
-
-
 @pytest.mark.parametrize("kind", sorted(MEANT_FOR))
 def test_each_kind_is_caught_by_its_method(confusion, kind):
-    method = MEANT_FOR[kind]
+    method, precision_floor = MEANT_FOR[kind]
     recall, precision = confusion[method, kind]
-    assert recall >= 0.95
-    assert precision >= (0.75 if kind == "crop" else PRECISION_FLOOR[method])
+    assert recall >= 0.95 and precision >= precision_floor
 
 
 def test_what_each_method_misses(confusion):
