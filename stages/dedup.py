@@ -72,9 +72,10 @@ class DedupConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> DedupConfig:
-        for key in sorted(self.model_fields_set - {"method"}):
-            if METHOD_OF_KEY[key] != self.method:
-                raise ValueError(f"{key} applies to method {METHOD_OF_KEY[key]} only, not {self.method}")
+        # a non-default value, not "was given": workers rebuild the config from its full dump
+        for key, method in METHOD_OF_KEY.items():
+            if method != self.method and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"{key} applies to method {method} only, not {self.method}")
         if self.radius is not None and self.radius > HASH_BYTES[self.hash] * 8:
             raise ValueError(f"radius {self.radius} exceeds the {HASH_BYTES[self.hash] * 8} bits of {self.hash}")
         return self

@@ -250,6 +250,8 @@ def test_config_errors_are_caught_before_a_run():
         config(method="perceptual", radius=70)
     with pytest.raises(ValidationError, match="eps applies to method semantic only, not exact"):
         config(method="exact", eps=0.1)
+    semantic = config(method="semantic", eps=0.1)
+    assert config(**semantic.model_dump()) == semantic  # as a worker rebuilds it
     with pytest.raises(UserError, match="reads image_embedding, which no earlier stage writes"):
         parse_config({"run_dir": "/tmp/unused", "input": {"path": "x.parquet"},
                       "stages": [{"stage": "download"}, {"stage": "dedup", "method": "semantic"}]})
