@@ -12,6 +12,7 @@ from pairsift.stages.base import Stage
 
 STAGES: dict[str, str] = {
     "image_hashes": "pairsift.stages.image_hashes:ImageHashes",
+    "dedup": "pairsift.stages.dedup:Dedup",
     "faces": "pairsift.stages.faces:Faces",
     "url_blocklist": "pairsift.stages.blocklist:UrlBlocklist",
     "hash_blocklist": "pairsift.stages.blocklist:HashBlocklist",
