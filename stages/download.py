@@ -63,9 +63,8 @@ from pairsift.stages.politeness import (
     BreakerConfig,
     DomainLimits,
     Politeness,
-    RowScheduler,
-    Ticket,
 )
+from pairsift.stages.scheduler import RowScheduler, Ticket
 
 DECODE_ERROR = "decode_error"
 NOT_AN_IMAGE = "not_an_image"

@@ -27,13 +27,12 @@ from pairsift.stages.fetch import FAILED, OPT_OUT, FetchPolicy, FetchResult, fet
 from pairsift.stages.politeness import (
     DomainLimits,
     Politeness,
-    RowScheduler,
     TokenBucket,
     backoff_delay,
     parse_retry_after,
-    spread_by_domain,
-    url_hosts,
 )
+from pairsift.stages.scheduler import RowScheduler
+from pairsift.stages.spread import spread_by_domain, url_hosts
 
 HOSTS = {"a.test": "127.0.0.2", "b.test": "127.0.0.3", "c.test": "127.0.0.4"}
 
