@@ -128,7 +128,6 @@ def engine_generate(cfg, prompts: list[str], max_tokens: int) -> tuple[int, floa
     began = time.perf_counter()
     out = engine.generate([Prompt(p, seed=i) for i, p in enumerate(prompts)], params)
     seconds = time.perf_counter() - began
-    engine.close()
     return sum(c.completion_tokens for c in out), seconds
 
 
