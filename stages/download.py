@@ -42,12 +42,9 @@ from pairsift.stages.fetch import (
     REFUSED,
     TIMEOUT,
     TOO_LARGE,
-    CachingResolver,
     FetchPolicy,
     FetchResult,
-    Resolver,
     fetch,
-    system_resolver,
 )
 from pairsift.stages.image_inspect import (
     DECODE_ERROR,
@@ -67,6 +64,7 @@ from pairsift.stages.politeness import (
     DomainLimits,
     Politeness,
 )
+from pairsift.stages.resolver import CachingResolver, Resolver, system_resolver
 from pairsift.stages.scheduler import RowScheduler, Ticket
 
 DECODE_REASONS = frozenset({DECODE_ERROR, NOT_AN_IMAGE, IMAGE_TOO_LARGE})
