@@ -68,7 +68,7 @@ def build_model(out: Path, hidden: int, layers: int, corpus: list[str]) -> Path:
 def rewrite_prompts(n: int) -> list[str]:
     """n LaCLIP prompts for web-style captions, exactly as the rewrite stage writes them."""
     from pairsift.stages.engines import EngineConfig
-    from pairsift.stages.recaption import Rewrite, RewriteConfig
+    from pairsift.stages.rewrite import Rewrite, RewriteConfig
 
     stage = Rewrite(RewriteConfig(engine=EngineConfig(model="unused")))
     rng = random.Random(0)
