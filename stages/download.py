@@ -11,8 +11,9 @@ orientation).
 Like img2dataset, fetches run on a pool of threads and decode/resize runs on the calling thread,
 with at most two fetched bodies per thread waiting; the Resizer redirects the process's
 stdout/stderr while it decodes, which is only safe from one thread. Which row a thread fetches next
-is ``stages.politeness``'s call: per-domain concurrency and rate limits, 429/503 back-off, a circuit
-breaker per domain and (optionally) robots.txt. That state, and the DNS cache, live on the stage
+is ``stages.scheduler``'s call, on ``stages.politeness``'s state: per-domain concurrency and rate
+limits, 429/503 back-off, a circuit breaker per domain and (optionally) robots.txt. That state,
+and the DNS cache (``stages.resolver``), live on the stage
 instance, which is an actor (``stateful``) so they last across a worker's shards; the limits are
 therefore per worker, and ingest's ``spread_domains`` is what keeps one domain off one worker.
 """

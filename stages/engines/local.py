@@ -195,6 +195,9 @@ def _torch_dtype(torch: Any, name: str, device: str) -> Any:
         raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
 
 
+# ------------------------------------------------------------------------------------------------ vLLM
+
+
 def import_vllm() -> Any:
     """The vllm module, or a one-line error naming the extra to install."""
     try:
