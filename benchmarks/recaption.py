@@ -68,7 +68,7 @@ def build_model(out: Path, hidden: int, layers: int, corpus: list[str]) -> Path:
 def rewrite_prompts(n: int) -> list[str]:
     """n LaCLIP prompts for web-style captions, exactly as the rewrite stage writes them."""
     from pairsift.stages.engines import EngineConfig
-    from pairsift.stages.recaption import Rewrite, RewriteConfig
+    from pairsift.stages.rewrite import Rewrite, RewriteConfig
 
     stage = Rewrite(RewriteConfig(engine=EngineConfig(model="unused")))
     rng = random.Random(0)
@@ -128,7 +128,6 @@ def engine_generate(cfg, prompts: list[str], max_tokens: int) -> tuple[int, floa
     began = time.perf_counter()
     out = engine.generate([Prompt(p, seed=i) for i, p in enumerate(prompts)], params)
     seconds = time.perf_counter() - began
-    engine.close()
     return sum(c.completion_tokens for c in out), seconds
 
 

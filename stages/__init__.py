@@ -25,8 +25,9 @@ STAGES: dict[str, str] = {
     "balance": "pairsift.stages.balance:Balance",
     "pii": "pairsift.stages.pii:Pii",
     "select": "pairsift.stages.select:Select",
-    "rewrite": "pairsift.stages.recaption:Rewrite",
-    "enrich": "pairsift.stages.recaption:Enrich",
+    "rewrite": "pairsift.stages.rewrite:Rewrite",
+    "enrich": "pairsift.stages.enrich:Enrich",
+    "concept_tags": "pairsift.stages.concept_tags:ConceptTags",
 }
 
 

@@ -2,18 +2,18 @@
 
 Fetching is ``stages.fetch`` (address policy, deadline, byte cap, opt-outs); resizing and encoding
 is img2dataset's ``Resizer``, so resize modes and output bytes match what img2dataset users know.
-Between the two sits a cheap inspection with PIL's lazy ``open_image`` (``pairsift.common.images``:
-only the formats pairsift supports, so an EPS body never reaches Ghostscript), which reads only the
-header: markup, unknown bytes or a format outside that list are ``not_an_image``, and a declared size
-above ``max_pixels`` is ``image_too_large`` before a single pixel is decoded (a 50,000² PNG bomb is a few
-MB on the wire and 2.5 GB in memory). Images with an EXIF rotation, or in formats OpenCV cannot
-read, are made upright/readable with PIL first (img2dataset ignores EXIF orientation).
+Between the two sits a cheap inspection of the header (``stages.image_inspect``): markup, unknown
+bytes or a format pairsift does not decode are ``not_an_image``, and a declared size above
+``max_pixels`` is ``image_too_large`` before a single pixel is decoded. Images with an EXIF rotation,
+or in formats OpenCV cannot read, are made upright/readable with PIL first (img2dataset ignores EXIF
+orientation).
 
 Like img2dataset, fetches run on a pool of threads and decode/resize runs on the calling thread,
 with at most two fetched bodies per thread waiting; the Resizer redirects the process's
 stdout/stderr while it decodes, which is only safe from one thread. Which row a thread fetches next
-is ``stages.politeness``'s call: per-domain concurrency and rate limits, 429/503 back-off, a circuit
-breaker per domain and (optionally) robots.txt. That state, and the DNS cache, live on the stage
+is ``stages.scheduler``'s call, on ``stages.politeness``'s state: per-domain concurrency and rate
+limits, 429/503 back-off, a circuit breaker per domain and (optionally) robots.txt. That state,
+and the DNS cache (``stages.resolver``), live on the stage
 instance, which is an actor (``stateful``) so they last across a worker's shards; the limits are
 therefore per worker, and ingest's ``spread_domains`` is what keeps one domain off one worker.
 """
@@ -26,17 +26,13 @@ import io
 import os
 import queue
 import threading
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pairsift.common.images import decodable_formats, open_image
 from pairsift.stages.base import IMAGE, REASON, Contract, Resources, Stage, StageConfig, with_reason
 from pairsift.stages.fetch import (
     BAD_URL,
@@ -47,12 +43,17 @@ from pairsift.stages.fetch import (
     REFUSED,
     TIMEOUT,
     TOO_LARGE,
-    CachingResolver,
     FetchPolicy,
     FetchResult,
-    Resolver,
     fetch,
-    system_resolver,
+)
+from pairsift.stages.image_inspect import (
+    DECODE_ERROR,
+    IMAGE_TOO_LARGE,
+    NOT_AN_IMAGE,
+    PIL_PIXEL_LIMIT,
+    Rejected,
+    inspect_image,
 )
 from pairsift.stages.politeness import (
     DOMAIN_UNAVAILABLE,
@@ -63,31 +64,15 @@ from pairsift.stages.politeness import (
     BreakerConfig,
     DomainLimits,
     Politeness,
-    RowScheduler,
-    Ticket,
 )
+from pairsift.stages.resolver import CachingResolver, Resolver, system_resolver
+from pairsift.stages.scheduler import RowScheduler, Ticket
 
-DECODE_ERROR = "decode_error"
-NOT_AN_IMAGE = "not_an_image"
-IMAGE_TOO_LARGE = "image_too_large"
 DECODE_REASONS = frozenset({DECODE_ERROR, NOT_AN_IMAGE, IMAGE_TOO_LARGE})
 # img2dataset's status vocabulary (its downloader.py); FAILED (fetch.py) is "failed_to_download".
 SUCCESS = "success"
 FAILED_TO_RESIZE = "failed_to_resize"
 MAX_STATUS_KINDS = 1000  # img2dataset caps its status_dict too (CappedCounter)
-EXIF_ORIENTATION = 0x0112
-# Formats Pillow (or another tool) would parse but pairsift refuses: named in the row's error.
-FOREIGN_MAGIC = (
-    (b"%!PS", "PostScript/EPS"),
-    (b"\xc5\xd0\xd3\xc6", "EPS (DOS binary)"),
-    (b"%PDF", "PDF"),
-    (b"8BPS", "Photoshop PSD"),
-    (b"icns", "Apple ICNS"),
-)
-# Formats OpenCV's imdecode reads correctly; the others open_image accepts (AVIF, HEIF) go through
-# PIL first. OpenCV itself is never handed a format open_image refused (it reads no EPS anyway).
-CV2_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
-ORIENTED_FORMATS = frozenset({"JPEG", "MPO", "WEBP", "TIFF"})  # where EXIF sits in the header
 
 
 class DownloadConfig(StageConfig):
@@ -100,7 +85,7 @@ class DownloadConfig(StageConfig):
     timeout_s: float = Field(10.0, gt=0)  # one socket operation
     deadline_s: float = Field(30.0, gt=0)  # the whole request, redirects included
     max_bytes: int = Field(20_000_000, gt=0)
-    max_pixels: int = Field(50_000_000, gt=0)
+    max_pixels: int = Field(50_000_000, gt=0, le=PIL_PIXEL_LIMIT)
     thread_count: int = Field(32, ge=1, le=1024)
     user_agent_token: str | None = Field(None, pattern=r"^[A-Za-z0-9._+-]+$")
     respect_opt_out: bool = True
@@ -195,12 +180,6 @@ def img2dataset_status(reason: str | None) -> str:
     return FAILED_TO_RESIZE if reason in DECODE_REASONS else FAILED
 
 
-class Rejected(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 COLUMNS: dict[str, pa.DataType] = {
     "status": pa.string(),
     "error": pa.string(),
@@ -263,8 +242,6 @@ class Download(Stage):
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations calls home on import
         from img2dataset.resizer import Resizer
 
-        # PIL's own bomb guard, as a second line behind the header check in inspect_image.
-        Image.MAX_IMAGE_PIXELS = self.cfg.max_pixels
         self._resizer = Resizer(
             image_size=self.cfg.image_size,
             resize_mode=self.cfg.resize_mode,
@@ -398,91 +375,6 @@ class Download(Stage):
         if error is not None:
             return RowResult(DECODE_ERROR, error, sha256=digest)
         return RowResult(None, None, image, width, height, original_width, original_height, digest)
-
-
-def inspect_image(data: bytes, max_pixels: int) -> bytes:
-    """Check ``data`` from its header alone and return bytes OpenCV can decode the right way up.
-
-    Raises Rejected: not_an_image (markup, unknown bytes), image_too_large (declared pixels above
-    ``max_pixels``, checked before decoding), decode_error (a broken header or body)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we say it ourselves, below
-        try:
-            image = open_image(data)  # lazy: reads the header, decodes nothing
-        except Image.DecompressionBombError as exc:
-            raise Rejected(IMAGE_TOO_LARGE, str(exc)) from None
-        except UnidentifiedImageError:
-            raise Rejected(NOT_AN_IMAGE, f"not an image pairsift decodes ({', '.join(decodable_formats())}): "
-                                         f"{describe_bytes(data)}") from None
-        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for broken headers
-            canvas = webp_canvas(data)  # libwebp refuses a canvas its frame does not fill: say why
-            if canvas and canvas[0] * canvas[1] > max_pixels:
-                raise Rejected(IMAGE_TOO_LARGE, _too_large(*canvas, max_pixels)) from None
-            raise Rejected(DECODE_ERROR, f"broken image header: {type(exc).__name__}: {exc}") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise Rejected(IMAGE_TOO_LARGE, _too_large(width, height, max_pixels))
-    if width == 0 or height == 0:
-        raise Rejected(DECODE_ERROR, f"empty image {width}x{height}")
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ORIENTED_FORMATS else 1
-    if orientation in range(2, 9) or image.format not in CV2_FORMATS or _sixteen_bit(data, image):
-        return _upright_png(image)
-    return data
-
-
-def _too_large(width: int, height: int, max_pixels: int) -> str:
-    return f"{width}x{height} = {width * height} pixels is above {max_pixels}"
-
-
-def webp_canvas(data: bytes) -> tuple[int, int] | None:
-    """The canvas an extended-format WebP (VP8X chunk) declares, from its first 30 bytes."""
-    if len(data) < 30 or data[:4] != b"RIFF" or data[8:16] != b"WEBPVP8X":
-        return None
-    return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
-
-
-def _sixteen_bit(data: bytes, image: Image.Image) -> bool:
-    """16 bits per channel: OpenCV would keep them, and its 8-bit encoders then saturate every pixel
-    to white. PIL reads such files as 8 bits (the high byte), so they take the PIL path."""
-    png_depth = data[24] if image.format == "PNG" and len(data) > 24 and data[12:16] == b"IHDR" else 8
-    return png_depth == 16 or image.mode.startswith("I;16") or image.mode == "I"
-
-
-def _upright_png(image: Image.Image) -> bytes:
-    """Decode with PIL, apply the EXIF orientation, re-encode losslessly (fast PNG) for the Resizer."""
-    try:
-        image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: scale, don't clip, to 8 bits
-            scale = 256 if image.mode.startswith("I;16") or max(image.getextrema()) > 255 else 1
-            image = Image.fromarray((np.asarray(image, np.uint32) // scale).clip(0, 255).astype(np.uint8), "L")
-        if image.mode not in ("RGB", "RGBA", "L", "LA"):
-            has_alpha = "A" in image.getbands() or "transparency" in image.info
-            image = image.convert("RGBA" if has_alpha else "RGB")
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG", compress_level=1)
-        return buffer.getvalue()
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
-        raise Rejected(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
-
-
-def describe_bytes(data: bytes) -> str:
-    """A short, log-safe description of what a non-image body looks like."""
-    if not data:
-        return "empty body"
-    for magic, kind in FOREIGN_MAGIC:
-        if data.startswith(magic):
-            return f"{kind} document"
-    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if head.startswith(b"<"):
-        kind = (
-            "SVG"
-            if b"<svg" in head
-            else "HTML"
-            if b"<html" in head or b"<!doctype html" in head
-            else "markup"
-        )
-        return f"{kind} document"
-    return f"unknown format, starts with {data[:12]!r}"
 
 
 def _first_line(error: str) -> str:

@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 
 from pairsift.common.storage import AnyPath
 from pairsift.stages.base import Contract
-from pairsift.stages.politeness import spread_by_domain, url_hosts
 from pairsift.stages.readers import (
     BAD_ENCODING,
     INGEST_REASON,
@@ -40,6 +39,7 @@ from pairsift.stages.readers import (
     input_files,
     read_batches,
 )
+from pairsift.stages.spread import spread_by_domain, url_hosts
 
 # Rows a domain spread holds in memory at once: the spill buffer, then one bucket of shards
 # (more for pools past SPREAD_MEMORY_ROWS x _MAX_SPILL_BUCKETS rows, to keep the bucket files few).

@@ -32,8 +32,9 @@ from pairsift.pipeline.config import parse_config
 from pairsift.pipeline.run_dir import RunDir
 from pairsift.pipeline.runner import run_pipeline
 from pairsift.pipeline.verify import verify_run
+from pairsift.stages.caption_checks import parse_completion, sanitize, validate_rewrite
 from pairsift.stages.engines import EngineConfig
-from pairsift.stages.recaption import Rewrite, RewriteConfig, parse_completion, sanitize, validate_rewrite
+from pairsift.stages.rewrite import Rewrite, RewriteConfig
 
 HELPERS = Path(__file__).resolve().parents[1] / "vllm_cpu"
 ROWS, SHARD_ROWS, K = 48, 12, 2

@@ -70,7 +70,7 @@ def curation_stages(root: Path) -> list[dict]:
         {"stage": "clip_score", "model": model, "batch_size": 128},
         {"stage": "clip_filter", "fraction": 0.7},
         {"stage": "balance", "metadata": str(entries), "t": 10},
-        {"stage": "enrich", "mode": "concept_tags", "clip_model": model, "entries": str(entries)},
+        {"stage": "concept_tags", "clip_model": model, "entries": str(entries)},
     ]
 
 
@@ -192,7 +192,7 @@ def test_numbers_match_the_catalog(reported):
 
     # captions: every enriched caption counted, originals of the same rows before
     (captions,) = context["captions"]
-    enriched = pa.concat_tables([pq.read_table(p) for p in run.parts("enrich")])
+    enriched = pa.concat_tables([pq.read_table(p) for p in run.parts("concept_tags")])
     n_enriched = enriched.num_rows - enriched.column("enriched_caption").null_count
     assert captions["kind"] == "enriched caption" and captions["n_before"] == captions["n_after"] == n_enriched
     assert len(captions["examples"]) == 6 and all(". tags: " in ex["new"][0] for ex in captions["examples"])
@@ -242,7 +242,7 @@ def test_stages_and_comparison_sections(reported):
     stages = {r["label"]: r for r in context["stages"]["rows"]}
     runs = {r["label"]: r for r in json.loads((run_dir / "run.json").read_text())["stage_runs"]}
     assert list(stages) == ["text_filter", "download", "image_filter", "clip_score", "clip_filter", "balance",
-                            "enrich", "shards"]
+                            "concept_tags", "shards"]
     for label, row in stages.items():
         assert row["rows"] == runs[label]["rows"] and row["shards_done"] == runs[label]["shards_done"]
     assert stages["clip_score"]["kind"] == "actor pool" and stages["clip_score"]["resources"] == "1 CPU"

@@ -290,10 +290,19 @@ def test_encoding_bombs_and_huge_headers_end_in_their_reason_with_bounded_memory
         assert rss_growth_mb < 256, rss_growth_mb
 
 
-def test_pil_guard_is_set_from_max_pixels():
-    stage = make_stage(max_pixels=1234567)
-    stage.setup()
-    assert Image.MAX_IMAGE_PIXELS == 1234567
+def test_max_pixels_is_checked_per_call_and_pil_global_left_alone(server):
+    """max_pixels is this stage's own check: PIL's process-wide limit, which other stages in the same
+    worker read, is not changed by setup; a limit PIL itself would refuse to open is a config error."""
+    before = Image.MAX_IMAGE_PIXELS
+    small, large = make_stage(max_pixels=10_000), make_stage(max_pixels=150_000_000)
+    small.setup()
+    large.setup()
+    assert Image.MAX_IMAGE_PIXELS == before
+    rows = run(small, [server.url("/ok.jpg")]).to_pylist()
+    assert rows[0]["reason"] == "image_too_large" and "above 10000" in rows[0]["error"]
+    assert run(large, [server.url("/ok.jpg")]).to_pylist()[0]["reason"] is None
+    with pytest.raises(ValidationError, match="max_pixels"):
+        DownloadConfig(max_pixels=2 * (before or 89_478_485) + 1)
 
 
 def test_sha256_can_be_turned_off(server):

@@ -20,11 +20,11 @@ from pairsift.stages.engines import (
     Prompt,
     SamplingParams,
     SeededSampling,
-    _top_p_mask,
     cut_at_stop,
     image_data_url,
     make_engine,
 )
+from pairsift.stages.engines.local import _top_p_mask
 
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

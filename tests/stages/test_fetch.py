@@ -30,12 +30,12 @@ from pairsift.stages.fetch import (
     REFUSED,
     TIMEOUT,
     TOO_LARGE,
-    CachingResolver,
     FetchPolicy,
     fetch,
     is_opted_out,
     resolve_target,
 )
+from pairsift.stages.resolver import CachingResolver
 
 FAKE_DNS = {
     "internal.test": ["10.0.0.1"],

@@ -20,7 +20,7 @@ from PIL import Image
 from pairsift.stages import ingest
 from pairsift.stages.base import IMAGE
 from pairsift.stages.ingest import DigestCounts, iter_input_shards, uid_of
-from pairsift.stages.politeness import spread_by_domain, url_hosts
+from pairsift.stages.spread import spread_by_domain, url_hosts
 
 ROWS = [
     {"URL": "http://a/1.jpg", "TEXT": "a red circle", "width": 10},

@@ -1,4 +1,4 @@
-"""Recaption stages end to end: ``rewrite`` (LaCLIP) and ``enrich`` (VeCLIP, concept tags).
+"""Recaption stages end to end: ``rewrite`` (LaCLIP), ``enrich`` (VeCLIP) and ``concept_tags``.
 
 Models are built here, offline: a tiny Llama (random, and trained a few hundred steps on a
 synthetic colour x shape rewrite corpus so the acceptance path is deterministic), a tiny LLaVA, and
@@ -26,21 +26,18 @@ import pytest
 from pydantic import ValidationError
 
 from pairsift.stages import stage_class
-from pairsift.stages.engines import Completion, EngineConfig
-from pairsift.stages.recaption import (
-    DEFAULT_EXAMPLES,
+from pairsift.stages.caption_checks import (
     Bounds,
     EchoGuard,
-    Enrich,
-    EnrichConfig,
-    Rewrite,
-    RewriteConfig,
     key_facts,
-    load_examples,
     parse_completion,
     sanitize,
     validate_rewrite,
 )
+from pairsift.stages.concept_tags import ConceptTags, ConceptTagsConfig
+from pairsift.stages.engines import Completion, EngineConfig
+from pairsift.stages.enrich import Enrich, EnrichConfig
+from pairsift.stages.rewrite import DEFAULT_EXAMPLES, Rewrite, RewriteConfig, load_examples
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -619,9 +616,7 @@ def mismatched_shard(n: int, seed: int) -> tuple[pa.Table, list[str]]:
 
 
 def test_concept_tags_name_the_true_concept_of_mismatched_pairs(trained_clip, entries_file):
-    stage = Enrich(
-        EnrichConfig(mode="concept_tags", clip_model=str(trained_clip), entries=str(entries_file), top_k=3)
-    )
+    stage = ConceptTags(ConceptTagsConfig(clip_model=str(trained_clip), entries=str(entries_file), top_k=3))
     table, truth = mismatched_shard(96, seed=7)
     out = stage(table)
     rows = out.to_pylist()
@@ -651,16 +646,15 @@ def test_concept_tags_use_clip_scores_embeddings(trained_clip, entries_file):
     without_images = with_embeddings.set_column(
         with_embeddings.column_names.index("image"), "image", pa.nulls(24, pa.binary())
     )
-    cfg = EnrichConfig(
-        mode="concept_tags",
+    cfg = ConceptTagsConfig(
         clip_model=str(trained_clip),
         entries=str(entries_file),
         top_k=3,
         template="{caption} | {tags}",
         tag_separator="; ",
     )
-    from_column = Enrich(cfg)(without_images)
-    from_images = Enrich(cfg)(table)
+    from_column = ConceptTags(cfg)(without_images)
+    from_images = ConceptTags(cfg)(table)
     same = zip(from_column.column("concept_tags").to_pylist(), from_images.column("concept_tags").to_pylist())
     assert sum(a == b for a, b in same) >= 22  # float16 storage may swap a near tie
     assert from_column.column("enriched_caption")[0].as_py().count(" | ") == 1
@@ -670,7 +664,7 @@ def test_concept_tags_use_clip_scores_embeddings(trained_clip, entries_file):
         "image_embedding",
         pa.nulls(24, without_images.schema.field("image_embedding").type),
     )
-    none = Enrich(cfg)(empty)
+    none = ConceptTags(cfg)(empty)
     assert none.column("enriched_caption").null_count == 24
     assert all(flags == ["no_image"] for flags in none.column("enrich_flags").to_pylist())
 
@@ -678,7 +672,7 @@ def test_concept_tags_use_clip_scores_embeddings(trained_clip, entries_file):
 def test_concept_tags_refuse_embeddings_of_another_model(trained_clip, entries_file):
     table, _ = mismatched_shard(4, seed=9)
     table = table.append_column("image_embedding", pa.array([[0.5] * 32] * 4, pa.list_(pa.float16())))
-    stage = Enrich(EnrichConfig(mode="concept_tags", clip_model=str(trained_clip), entries=str(entries_file)))
+    stage = ConceptTags(ConceptTagsConfig(clip_model=str(trained_clip), entries=str(entries_file)))
     with pytest.raises(ValueError, match="image_embedding has 32 dims"):
         stage(table)
 
@@ -688,19 +682,33 @@ def test_concept_tags_refuse_embeddings_of_another_model(trained_clip, entries_f
 
 def test_stage_contract_and_resources():
     assert stage_class("rewrite") is Rewrite and stage_class("enrich") is Enrich
-    assert Rewrite.stateful and Enrich.stateful
+    assert stage_class("concept_tags") is ConceptTags
+    assert Rewrite.stateful and Enrich.stateful and ConceptTags.stateful
     vllm_tp = EngineConfig(backend="vllm", model="m", tensor_parallel_size=2)
     assert Rewrite(RewriteConfig(engine=vllm_tp, gpus=1)).resources.gpus == 2
     assert Rewrite(RewriteConfig(engine=EngineConfig(model="m"), gpus=0.5)).resources.gpus == 0.5
     assert Enrich(EnrichConfig(mode="vlm", vlm=vllm_tp)).resources.gpus == 2
     with pytest.raises(ValidationError, match="needs a vlm engine"):
         EnrichConfig(mode="vlm")
-    with pytest.raises(ValidationError, match="needs clip_model and entries"):
-        EnrichConfig(mode="concept_tags", clip_model="x.json")
+    with pytest.raises(ValidationError, match="entries"):
+        ConceptTagsConfig(clip_model="x.json")
+    with pytest.raises(ValidationError, match="template needs"):
+        ConceptTagsConfig(clip_model="x.json", entries="e.txt", template="{caption}")
     with pytest.raises(ValidationError, match="fuse_prompt must contain"):
         EnrichConfig(mode="vlm", vlm=EngineConfig(model="m"), fuse_prompt="fuse {caption}")
     defaults = RewriteConfig(engine=EngineConfig(model="m"))
     assert (defaults.k, defaults.temperature, defaults.top_p, defaults.max_tokens) == (4, 0.9, 0.95, 64)
+
+
+def test_enrich_with_concept_tags_names_the_new_stage_in_one_line():
+    """A config of the old ``enrich`` concept-tags mode (named, or the former default) is refused
+    with one line that says which stage replaced it, not a list of unknown keys."""
+    old = {"clip_model": "m.json", "entries": "e.txt", "top_k": 3}
+    for raw in ({"mode": "concept_tags", **old}, old):
+        with pytest.raises(ValidationError) as caught:
+            EnrichConfig.model_validate(raw)
+        (error,) = caught.value.errors()
+        assert "now their own stage: write `stage: concept_tags`" in error["msg"] and "\n" not in error["msg"]
 
 
 # ------------------------------------------------------------------------------------------- vLLM

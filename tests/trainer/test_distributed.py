@@ -24,7 +24,8 @@ from ray_outsider import (
 )
 from synth_shards import tiny_config
 
-from pairsift.trainer.config import build_config
+from pairsift.trainer.config import ConfigError, build_config
+from pairsift.trainer.launch import ray_workers_use_gpu
 from pairsift.trainer.train import TrainResult, train
 
 STEPS = 4
@@ -113,3 +114,15 @@ def _assert_closed_to_outsiders(ray) -> None:
     assert refused.returncode != 0 and "trainer-wrote-this" not in refused.stdout
     assert "VALUE" not in outsider(JOIN, port, NO_TOKEN).stdout
     assert "VALUE b'trainer-wrote-this'" in outsider(READ_KV, port, with_token()).stdout
+
+
+def test_ray_workers_get_gpus_from_what_the_cluster_has_not_the_driver():
+    """`launcher: ray` asks for GPUs when the cluster has one per worker, whatever this process sees;
+    "cuda" on a cluster without enough is one clear line, not a run waiting for resources forever."""
+    assert ray_workers_use_gpu("auto", 2, cluster_gpus=2) is True
+    assert ray_workers_use_gpu("auto", 2, cluster_gpus=1) is False
+    assert ray_workers_use_gpu("auto", 1, cluster_gpus=0) is False
+    assert ray_workers_use_gpu("cpu", 1, cluster_gpus=8) is False
+    assert ray_workers_use_gpu("cuda", 4, cluster_gpus=4) is True
+    with pytest.raises(ConfigError, match="needs 2 GPU.*has 1$"):
+        ray_workers_use_gpu("cuda", 2, cluster_gpus=1)

@@ -23,7 +23,7 @@ def main(job_path: str) -> None:
     import pyarrow.parquet as pq
 
     from pairsift.stages.engines import EngineConfig, make_engine
-    from pairsift.stages.recaption import Rewrite, RewriteConfig
+    from pairsift.stages.rewrite import Rewrite, RewriteConfig
 
     job = json.loads(Path(job_path).read_text())
     engine_cfg = EngineConfig(**job["engine"])

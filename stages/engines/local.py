@@ -1,153 +1,26 @@
-"""Text generation engines for the recaption stages, behind one small interface.
-
-``Engine.generate(prompts, params) -> completions`` (one completion per prompt, same order) is all
-the stages use, so the same stage runs on:
-
-- ``transformers``: Hugging Face ``generate`` in left-padded batches, CPU or GPU; small models and
-  machines without vLLM (and the tests, with tiny models built in the test);
-- ``vllm``: the offline ``vllm.LLM`` engine (continuous batching, prefix caching, tensor parallel,
-  images for VLMs); the default on GPU, an optional extra (``pip install -e ".[gpu]"``);
-- ``openai``: an OpenAI-compatible HTTP endpoint such as ``vllm serve``, with bounded concurrency,
-  timeouts and retries.
-
-Sampling is seeded per prompt (``Prompt.seed``), so a caption's output does not depend on which
-other captions share its batch or shard: vLLM and the HTTP API take a per-request seed, and the
-transformers engine samples each row with its own generator (Gumbel-max over the warped logits).
-A prompt that fails (an undecodable image, an HTTP error after retries) comes back as a completion
-with ``finish_reason="error"``: per-row failures are values, never exceptions. Prompt text is tokenized
-as text: a caption's ``</s>`` or ``<|im_start|>`` never becomes a control token (``untrusted_text``).
-"""
+"""Engines that run the model in this process: Hugging Face transformers and offline vLLM."""
 
 from __future__ import annotations
 
-import base64
 import os
-import threading
-import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from pairsift.stages.engines.base import (
+    MISSING_TRANSFORMERS,
+    MISSING_VLLM,
+    Completion,
+    Engine,
+    EngineConfig,
+    Prompt,
+    SamplingParams,
+    chat_messages,
+    cut_at_stop,
+    decode_image,
+    prompt_seed,
+)
 from pairsift.stages.untrusted_text import defuse, prompt_ids, special_strings
-
-MISSING_VLLM = 'engine backend "vllm" needs the vllm package: pip install -e ".[gpu]"'
-MISSING_TRANSFORMERS = 'engine backend "transformers" needs transformers: pip install -e ".[recaption]"'
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    image: bytes | None = None  # encoded image (JPEG/PNG/WebP) for a VLM; sent as a chat message
-    seed: int | None = None  # per-prompt sampling seed; None = derived from the engine seed and position
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    # Always explicit: vLLM's default of 16 tokens silently cuts captions.
-    max_tokens: int
-    temperature: float = 0.9
-    top_p: float = 0.95
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    finish_reason: str  # "stop" (EOS or a stop string), "length" (hit max_tokens) or "error"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-class EngineConfig(BaseModel):
-    """Which model runs where. One config type for all backends; each reads the keys it needs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
-    model: str  # local directory or a name the machine can fetch; for "openai" the served model name
-    # Wrap text prompts in the model's chat template (instruct models). Image prompts always are.
-    chat: bool = False
-    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
-    device: str = "auto"  # transformers only: "auto", "cpu", "cuda", "cuda:1" ...
-    batch_size: int = Field(32, ge=1)  # transformers: rows per generate(); vllm: max_num_seqs
-    seed: int = 0
-    # vllm
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    vllm_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
-    # openai
-    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
-    api_key_env: str | None = None  # name of the environment variable holding the key, never the key
-    concurrency: int = Field(16, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    retries: int = Field(3, ge=0)
-
-    @model_validator(mode="after")
-    def _check_endpoint(self) -> EngineConfig:
-        endpoint = self.base_url or ""
-        if self.backend == "openai" and not endpoint.startswith(("http://", "https://")):
-            raise ValueError('engine backend "openai" needs base_url, e.g. http://127.0.0.1:8000/v1')
-        return self
-
-
-class Engine(ABC):
-    @abstractmethod
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
-        """One completion per prompt, in order."""
-
-    def close(self) -> None:  # noqa: B027 (optional: most engines hold nothing to release)
-        """Release the model / connections."""
-
-
-def make_engine(cfg: EngineConfig) -> Engine:
-    if cfg.backend == "vllm":
-        return VllmEngine(cfg)
-    if cfg.backend == "openai":
-        return OpenAIEngine(cfg)
-    return TransformersEngine(cfg)
-
-
-def prompt_seed(base: int, index: int, prompt: Prompt) -> int:
-    return prompt.seed if prompt.seed is not None else (base * 1_000_003 + index) % 2**63
-
-
-def image_data_url(image: bytes) -> str:
-    """A data: URL for encoded image bytes (the MIME type sniffed from the magic number)."""
-    mime = "image/png" if image[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
-    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
-        mime = "image/webp"
-    return f"data:{mime};base64,{base64.b64encode(image).decode()}"
-
-
-def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:
-    """The OpenAI-style user message for a prompt: text, plus the image first when there is one."""
-    if prompt.image is None:
-        return [{"role": "user", "content": prompt.text}]
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": image_data_url(prompt.image)}},
-                {"type": "text", "text": prompt.text},
-            ],
-        }
-    ]
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """Text up to the earliest stop string (excluded, as vLLM does) and whether one was found."""
-    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-# ---------------------------------------------------------------------------------------- transformers
 
 
 class TransformersEngine(Engine):
@@ -322,27 +195,6 @@ def _torch_dtype(torch: Any, name: str, device: str) -> Any:
         raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
 
 
-# What PIL raises for truncated, corrupt, unsupported or oversized (decompression bomb) files.
-IMAGE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError, EOFError)
-
-
-def decode_image(data: bytes | None) -> tuple[Any, str | None]:
-    from PIL import Image
-
-    from pairsift.common.images import open_image
-
-    if data is None:
-        return None, "no_image"
-    try:
-        with open_image(data) as image:
-            return image.convert("RGB"), None
-    except (
-        *IMAGE_ERRORS,
-        Image.DecompressionBombError,
-    ) as exc:  # a decoder failure is this row's problem, not the batch's
-        return None, f"decode_error: {type(exc).__name__}"
-
-
 # ------------------------------------------------------------------------------------------------ vLLM
 
 
@@ -439,107 +291,4 @@ def _vllm_completion(out: Any) -> Completion:
         prompt_tokens=len(out.prompt_token_ids or []),
         completion_tokens=len(best.token_ids),
         error=None if reason != "error" else f"vllm finish_reason={best.finish_reason}",
-    )
-
-
-# ------------------------------------------------------------------------------------------ OpenAI HTTP
-
-
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class OpenAIEngine(Engine):
-    """``/v1/completions`` (text) and ``/v1/chat/completions`` (chat, images) of a ``vllm serve`` endpoint.
-
-    Up to ``concurrency`` requests in flight; each waits at most ``timeout_s`` per connect/read/write;
-    connection errors, timeouts, 429 and 5xx are retried ``retries`` times with exponential backoff.
-    """
-
-    def __init__(self, cfg: EngineConfig, sleep: Callable[[float], None] = time.sleep):
-        import httpx
-
-        self.cfg = cfg
-        self.httpx = httpx
-        self.sleep = sleep
-        headers = {}
-        if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
-                raise ValueError(f"engine api_key_env: environment variable {cfg.api_key_env} is not set")
-            headers["Authorization"] = f"Bearer {key}"
-        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-        self.client = httpx.Client(
-            base_url=cfg.base_url.rstrip("/") + "/",  # type: ignore[union-attr]
-            headers=headers,
-            timeout=httpx.Timeout(cfg.timeout_s),
-            limits=limits,
-            follow_redirects=False,
-            trust_env=False,  # a proxy from the environment must not see the traffic
-        )
-        self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="openai-engine")
-        self._lock = threading.Lock()
-        self.requests_sent = 0
-
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
-        jobs = [self.pool.submit(self._one, i, p, params) for i, p in enumerate(prompts)]
-        return [job.result() for job in jobs]
-
-    def _body(self, index: int, prompt: Prompt, params: SamplingParams) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {
-            "model": self.cfg.model,
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "n": 1,
-            "seed": prompt_seed(self.cfg.seed, index, prompt),
-        }
-        if params.stop:
-            body["stop"] = list(params.stop)
-        # the server tokenizes: text that spells a control token is defused before it leaves
-        prompt = replace(prompt, text=defuse(prompt.text))
-        if self.cfg.chat or prompt.image is not None:
-            return "chat/completions", {**body, "messages": chat_messages(prompt)}
-        return "completions", {**body, "prompt": prompt.text}
-
-    def _one(self, index: int, prompt: Prompt, params: SamplingParams) -> Completion:
-        path, body = self._body(index, prompt, params)
-        error = "no attempt"
-        for attempt in range(self.cfg.retries + 1):
-            if attempt:
-                self.sleep(min(0.25 * 2 ** (attempt - 1), 8.0))
-            with self._lock:
-                self.requests_sent += 1
-            try:
-                response = self.client.post(path, json=body)
-            except self.httpx.HTTPError as exc:  # timeouts, refused/reset connections: worth retrying
-                error = f"{type(exc).__name__}: {exc}"[:200]
-                continue
-            if response.status_code == 200:
-                try:
-                    return _openai_completion(response.json(), chat=path.startswith("chat"))
-                except (ValueError, KeyError, IndexError, TypeError) as exc:
-                    error = f"bad response: {type(exc).__name__}: {exc}"[:200]
-                    continue
-            error = f"HTTP {response.status_code}: {response.text[:120]}"
-            if response.status_code not in RETRY_STATUS:
-                break  # a 400/401/404 will not change on retry
-        return Completion("", "error", 0, 0, error)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        self.client.close()
-
-
-def _openai_completion(payload: dict[str, Any], chat: bool) -> Completion:
-    choice = payload["choices"][0]
-    text = choice["message"]["content"] if chat else choice["text"]
-    if not isinstance(text, str):
-        raise TypeError("completion text is not a string")
-    usage = payload.get("usage") or {}
-    reason = choice.get("finish_reason") or "stop"
-    return Completion(
-        text=text,
-        finish_reason=reason if reason in ("stop", "length") else "stop",
-        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        completion_tokens=int(usage.get("completion_tokens", 0)),
     )
