@@ -132,8 +132,9 @@ class _NotPlainUstar(Exception):
     """The tar uses pax/GNU extensions or odd members: let the standard library read it."""
 
 
-def _ustar_spans(f: IO[bytes], end: int) -> Iterator[Span]:
+def _ustar_spans(f: IO[bytes]) -> Iterator[Span]:
     """The regular files of a plain ustar file, from its headers only (the data is seeked over)."""
+    end = f.seek(0, io.SEEK_END)
     pos = 0
     while pos + _BLOCK <= end:
         f.seek(pos)
@@ -161,9 +162,10 @@ def _ustar_spans(f: IO[bytes], end: int) -> Iterator[Span]:
         raise DamagedTar("unexpected end of data")
 
 
-def _tarfile_spans(path: Path) -> Iterator[Span]:
+def _tarfile_spans(f: IO[bytes]) -> Iterator[Span]:
+    f.seek(0)
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(fileobj=f, mode="r:") as tar:  # each header read seeks to its own offset
             for member in tar:
                 if member.isfile():
                     yield member.name, member.offset_data, member.size
@@ -171,22 +173,23 @@ def _tarfile_spans(path: Path) -> Iterator[Span]:
         raise DamagedTar(f"{type(err).__name__}: {err}") from err
 
 
-def _spans(path: Path, f: IO[bytes]) -> Iterator[Span]:
+def _spans(f: IO[bytes]) -> Iterator[Span]:
     """Every regular file's span: the header scan, or all of tarfile's reading when the scan meets
-    an extension (a caller that already took some spans gets them again, in the same order)."""
+    an extension (a caller that already took some spans gets them again, in the same order). A
+    caller may read from ``f`` between spans."""
     try:
-        yield from _ustar_spans(f, path.stat().st_size)
+        yield from _ustar_spans(f)
     except _NotPlainUstar:
-        yield from _tarfile_spans(path)
+        yield from _tarfile_spans(f)
 
 
-def index_members(path: Path) -> tuple[list[Span], str | None]:
+def index_members(path: AnyPath) -> tuple[list[Span], str | None]:
     """Every regular file's span, in file order, and ``None``; for a damaged tar, the spans that
     were readable and what went wrong."""
     spans: dict[tuple[str, int], Span] = {}  # keyed by place: a tarfile fallback repeats earlier ones
     try:
-        with open(path, "rb") as f:
-            for span in _spans(path, f):
+        with as_path(path).open("rb") as f:
+            for span in _spans(f):
                 spans[span[:2]] = span
     except DamagedTar as err:
         return list(spans.values()), str(err)
@@ -195,14 +198,14 @@ def index_members(path: Path) -> tuple[list[Span], str | None]:
     return list(spans.values()), None
 
 
-def read_keys(path: Path, wanted: Collection[str], extensions: Collection[str]) -> dict[str, bytes]:
+def read_keys(path: AnyPath, wanted: Collection[str], extensions: Collection[str]) -> dict[str, bytes]:
     """key -> data of the members with a wanted key and one of ``extensions``, reading no other
     member's data and stopping once every wanted key is found. A missing or damaged tar gives what
     was readable (a caller shows the rest as not found)."""
     found: dict[str, bytes] = {}
     try:
-        with open(path, "rb") as f:
-            for name, offset, size in _spans(path, f):
+        with as_path(path).open("rb") as f:
+            for name, offset, size in _spans(f):
                 key, ext = split_name(name)
                 if key in wanted and ext in extensions:
                     f.seek(offset)
@@ -222,7 +225,7 @@ class SampleRef:
     members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
 
 
-def index_tar(path: Path) -> tuple[list[SampleRef], str | None]:
+def index_tar(path: AnyPath) -> tuple[list[SampleRef], str | None]:
     """A tar's members grouped by webdataset key, in file order. A damaged tar yields what was
     readable and what went wrong (``index_members``)."""
     refs: dict[str, dict[str, tuple[int, int]]] = {}
@@ -243,9 +246,9 @@ def read_members(f: IO[bytes], ref: SampleRef) -> dict[str, bytes]:
     return out
 
 
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(path: AnyPath) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Every sample of one tar in file order: ``(key, extension -> data)``."""
     refs, _ = index_tar(path)
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for ref in refs:
             yield ref.key, read_members(f, ref)
