@@ -24,7 +24,6 @@ import fcntl
 import json
 import os
 import re
-import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -48,6 +47,7 @@ from pairsift.common.storage import (
     read_parquet,
     remove,
 )
+from pairsift.common.tars import members_of, split_name, tar_writer
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardsDir, shard_of, write_atomic
 
@@ -149,25 +149,16 @@ def _commit(temps: list[Path], finals: list[AnyPath]) -> None:
         publish(tmp, final)
 
 
-def sample_key(member_name: str) -> str:
-    """webdataset's key: the path up to the first dot of the file name (``uid.jpg`` -> ``uid``)."""
-    head, slash, base = member_name.rpartition("/")
-    return head + slash + base.split(".", 1)[0]
-
-
 def copy_tar_members(src: AnyPath, dst: Path, keep: Callable[[str], bool]) -> list[str]:
     """Stream the members of ``src`` whose key ``keep`` accepts into a new tar at ``dst``, header and
     bytes unchanged (nothing is decoded). Returns the kept keys in order."""
     kept: list[str] = []
-    with src.open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as source, \
-            tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as out:
-        for member in source:
-            source.members.clear()  # tarfile keeps every header it read: memory would grow with the tar
-            key = sample_key(member.name)
+    with tar_writer(dst) as out:
+        for member in members_of(src):
+            key = split_name(member.name)[0]
             if not keep(key):
                 continue
-            out.addfile(member, source.extractfile(member) if member.isfile() else None)
-            out.members.clear()  # the writer keeps a list of what it wrote, too
+            out.copy(member)
             if not kept or kept[-1] != key:
                 kept.append(key)
     return kept
@@ -175,8 +166,7 @@ def copy_tar_members(src: AnyPath, dst: Path, keep: Callable[[str], bool]) -> li
 
 def tar_keys(path: AnyPath) -> set[str]:
     """The sample keys in a tar, from its headers only (seeks over the data)."""
-    with path.open("rb") as handle, tarfile.open(fileobj=handle) as tar:
-        return {sample_key(m.name) for m in tar}
+    return {split_name(member.name)[0] for member in members_of(path)}
 
 
 def _shard_names(shards: ShardsDir) -> list[str]:

@@ -32,7 +32,6 @@ from pairsift.pipeline.catalog import sql_files, sql_ident
 from pairsift.pipeline.report_samples import (
     SAMPLES_PER_GROUP,
     read_images,
-    read_images_tarfile,
     samples_section,
     thumbnail_uri,
 )
@@ -46,7 +45,7 @@ from pairsift.pipeline.report_view import RunView, fmt_num, fmt_seconds, new_axe
 from pairsift.pipeline.run_dir import RunDir, is_partial, shard_of, write_atomic
 from pairsift.stages.base import PoolStage
 
-__all__ = ["SAMPLES_PER_GROUP", "build_context", "read_images", "read_images_tarfile", "render", "thumbnail_uri",
+__all__ = ["SAMPLES_PER_GROUP", "build_context", "read_images", "render", "thumbnail_uri",
            "write_report"]
 
 TEMPLATE = Path(__file__).with_name("report_template.html")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import io
 import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
 from pairsift.common.images import IMAGE_MEMBER_EXTENSIONS, open_image
+from pairsift.common.tars import read_keys
 from pairsift.pipeline.catalog import sql_files, sql_ident
 from pairsift.pipeline.report_view import RunView, fmt_num
 from pairsift.pipeline.run_dir import shard_of
@@ -60,45 +60,10 @@ def shard_of_uids(view: RunView, label: str, uids: list[str]) -> dict[str, int]:
 
 
 def read_images(tar_path: Path, wanted: set[str]) -> dict[str, bytes]:
-    """Only the wanted images of one tar. Plain ustar headers (what pairsift and img2dataset write) are
-    scanned directly, 16x faster than tarfile: a 10,000-sample shard costs about 60 ms, so sampled rows
-    spread over a hundred shards stay cheap. Extended headers (pax, GNU long names) go to tarfile."""
-    found: dict[str, bytes] = {}
-    try:
-        with tar_path.open("rb") as handle:
-            while len(found) < len(wanted):
-                header = handle.read(512)
-                if len(header) < 512 or not header.strip(b"\0"):
-                    break  # end of archive
-                if header[156:157] in (b"x", b"g", b"L", b"K") or header[124] & 0x80:
-                    return read_images_tarfile(tar_path, wanted)
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-                key, _, ext = name.rpartition(".")
-                if key in wanted and ext.lower() in IMAGE_MEMBER_EXTENSIONS and header[156:157] in (b"0", b"\0"):
-                    found[key] = handle.read(size)
-                    handle.seek(-size % 512, 1)
-                else:
-                    handle.seek(-(-size // 512) * 512, 1)
-    except (OSError, ValueError):
-        return read_images_tarfile(tar_path, wanted)
-    return found
-
-
-def read_images_tarfile(tar_path: Path, wanted: set[str]) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    try:
-        with tar_path.open("rb") as raw, tarfile.open(fileobj=raw) as tar:
-            for member in tar:
-                key, _, ext = member.name.rpartition(".")
-                if key in wanted and ext.lower() in IMAGE_MEMBER_EXTENSIONS and member.isfile():
-                    handle = tar.extractfile(member)
-                    found[key] = handle.read() if handle else b""
-                    if len(found) == len(wanted):
-                        break
-    except (OSError, tarfile.TarError):
-        pass  # a missing or damaged tar shows as "image not found" in the grid
-    return found
+    """Only the wanted images of one tar, by a scan of its headers: a 10,000-sample shard costs about
+    60 ms, so sampled rows spread over a hundred shards stay cheap. A missing or damaged tar shows as
+    "image not found" in the grid."""
+    return read_keys(tar_path, wanted, IMAGE_MEMBER_EXTENSIONS)
 
 
 def thumbnail(data: bytes) -> tuple[str | None, tuple[int, int] | None]:

@@ -15,13 +15,11 @@ that disagrees with its marker (the stages after it would trust the marker and m
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from pairsift.common.storage import AnyPath, atomic_path, is_remote, read_parquet, remove
+from pairsift.common.storage import AnyPath, is_remote, read_parquet, remove
+from pairsift.common.tars import TarWriter, members_of, split_name, write_tar
 from pairsift.pipeline.config import RunConfig, StageSpec
 from pairsift.pipeline.contracts import contract_of
 from pairsift.pipeline.errors import UserError
@@ -38,7 +37,6 @@ from pairsift.pipeline.maintenance import taken_down_uids
 from pairsift.pipeline.run_dir import RunDir, ShardDone, ShardFailed, write_atomic
 from pairsift.pipeline.shard_runner import (
     ShardRunner,
-    _add_member,
     check_output,
     load_input,
     samples,
@@ -197,40 +195,29 @@ def merge_rows(part: pa.Table, fresh: pa.Table, rows: list[int]) -> pa.Table:
     return pa.concat_tables([part, fresh]).take(pa.array(order, pa.int64())).combine_chunks()
 
 
-def _members(path: AnyPath) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
-    """The members of a tar one at a time, streamed (a remote tar is never held whole)."""
-    if not path.exists():
-        return
-    with path.open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-        for member in tar:
-            data = tar.extractfile(member) if member.isfile() else None
-            yield member, data.read() if data else b""
-
-
 def rewrite_image_tar(path: AnyPath, given: pa.Table, new_samples: dict[str, list[tuple[str, bytes]]],
                       retried: set[str]) -> None:
     """The shard's image tar with the retried rows' new samples (``shard_runner.samples``) added,
     every sample in row order (as ``write_image_tar`` would have written it had they succeeded the
-    first time)."""
+    first time). The old tar is streamed member by member (a remote tar is never held whole)."""
     uids = given.column("uid").to_pylist()
     position = {uid: i for i, uid in enumerate(uids)}
     pending = sorted(position[uid] for uid in new_samples)  # new samples, by row
     next_new = 0
 
-    def add_new(tar: tarfile.TarFile, before: float) -> None:
+    def add_new(tar: TarWriter, before: float) -> None:
         nonlocal next_new
         while next_new < len(pending) and pending[next_new] < before:
-            for name, data in new_samples[uids[pending[next_new]]]:
-                _add_member(tar, name, data)
+            tar.add_sample(new_samples[uids[pending[next_new]]])
             next_new += 1
 
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
-        for member, data in _members(path):
-            key = member.name.rpartition(".")[0]
+    with write_tar(path) as tar:
+        for member in members_of(path) if path.exists() else ():
+            key = split_name(member.name)[0]
             if key in retried:
                 continue  # a failed row has no image; should one be there, the new result replaces it
             add_new(tar, position.get(key, -1))  # an unknown key stays where it was
-            tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+            tar.copy(member)
         add_new(tar, float("inf"))
 
 

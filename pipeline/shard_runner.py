@@ -8,9 +8,7 @@ and checked by uid.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,19 +19,13 @@ import pyarrow.compute as pc
 
 from pairsift.common.images import IMAGE_MEMBER_EXTENSIONS
 from pairsift.common.images import extension_of as image_extension
-from pairsift.common.storage import AnyPath, atomic_path, read_parquet, read_parquet_subset
+from pairsift.common.storage import AnyPath, read_parquet, read_parquet_subset
+from pairsift.common.tars import members_of, split_name, write_tar
 from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
 from pairsift.stages import import_stage
 from pairsift.stages.base import IMAGE, REASON, Contract, PoolStage, Stage, StageConfig
 
 MAX_ERROR_KINDS = 20  # a capped counter: a million distinct errors must not become a million keys
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # reproducible tars: the same samples give the same bytes
-    tar.addfile(info, io.BytesIO(data))
 
 
 def samples(table: pa.Table, sample_json: dict[str, str]) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
@@ -54,10 +46,9 @@ def samples(table: pa.Table, sample_json: dict[str, str]) -> Iterator[tuple[str,
 def write_image_tar(path: AnyPath, table: pa.Table, sample_json: dict[str, str]) -> int:
     """The rows with an image as a webdataset tar, in the layout img2dataset writes (see ``samples``)."""
     count = 0
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+    with write_tar(path) as tar:
         for _, members in samples(table, sample_json):
-            for name, data in members:
-                _add_member(tar, name, data)
+            tar.add_sample(members)
             count += 1
     return count
 
@@ -69,13 +60,12 @@ def tar_stats_path(run: RunDir, label: str, shard: int) -> AnyPath:
 
 
 def read_image_tar(path: AnyPath) -> dict[str, bytes]:
+    """uid -> image bytes of every sample in a stage's image tar (local or object storage, streamed)."""
     images: dict[str, bytes] = {}
-    with path.open("rb") as handle, tarfile.open(fileobj=handle) as tar:
-        for member in tar:
-            key, _, ext = member.name.rpartition(".")
-            if ext in IMAGE_MEMBER_EXTENSIONS and member.isfile():
-                handle = tar.extractfile(member)
-                images[key] = handle.read() if handle else b""
+    for member in members_of(path):
+        key, ext = split_name(member.name)
+        if ext in IMAGE_MEMBER_EXTENSIONS and member.is_file():
+            images[key] = member.read()
     return images
 
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 import time
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pairsift.common.storage import atomic_path
+from pairsift.common.tars import write_tar
 from pairsift.pipeline.maintenance import taken_down_uids
 from pairsift.pipeline.run_dir import RunDir, ShardDone, write_atomic
-from pairsift.pipeline.shard_runner import _add_member, attach_images, image_extension, load_input
+from pairsift.pipeline.shard_runner import attach_images, image_extension, load_input
 from pairsift.stages.base import IMAGE
 
 Slice = tuple[int, int, int]  # (input shard, first kept row, end kept row)
@@ -141,7 +140,7 @@ class ShardWriter:
         tar_path = self.run.shards.tar(index)
         written: list[dict[str, Any]] = []
         missing = too_long = 0
-        with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w") as tar:
+        with write_tar(tar_path) as tar:
             for row in rows.to_pylist():
                 image = row.get(IMAGE)
                 if not image:
@@ -151,9 +150,9 @@ class ShardWriter:
                     too_long += 1
                     continue
                 key = row["uid"]
-                _add_member(tar, f"{key}.{image_extension(image)}", image)
-                _add_member(tar, f"{key}.txt", (row.get("caption") or "").encode("utf-8", "replace"))
-                _add_member(tar, f"{key}.json", sample_json(row, self.json_columns, self.bulky))
+                tar.add_sample([(f"{key}.{image_extension(image)}", image),
+                                (f"{key}.txt", (row.get("caption") or "").encode("utf-8", "replace")),
+                                (f"{key}.json", sample_json(row, self.json_columns, self.bulky))])
                 written.append(row)
         # The parquet holds the same rows with the same (fitted) captions as the tar.
         schema = pa.schema([f for f in rows.schema if f.name not in self.bulky])

@@ -23,7 +23,6 @@ import json
 import math
 import random
 import shutil
-import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +37,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pairsift.common.images import open_image
+from pairsift.common.tars import write_tar
 from pairsift.pipeline.errors import UserError
 
 # Object colours, far apart in RGB (closest pair ~79) so the colour of the drawn object is
@@ -595,12 +595,10 @@ def _write_tars(out: Path, samples: list[tuple[int, str, dict[str, Any]]], image
         name = f"{t:05d}.tar"
         part = list(zip(samples[start : start + SAMPLES_PER_TAR], images[start : start + SAMPLES_PER_TAR],
                         strict=True))
-        with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with write_tar(out / name) as tar:
             for (key, caption, meta), image in part:
-                for ext, data in (("jpg", image), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{key:06d}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
+                tar.add_sample([(f"{key:06d}.jpg", image), (f"{key:06d}.txt", caption.encode()),
+                                (f"{key:06d}.json", json.dumps(meta).encode())])
         sizes[name] = len(part)
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
 

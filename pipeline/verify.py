@@ -9,7 +9,6 @@ removed (``takedowns.parquet``), and none of those; no temporary file is left.
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ import pyarrow.compute as pc
 
 from pairsift.common.images import IMAGE_MEMBER_EXTENSIONS
 from pairsift.common.storage import AnyPath, read_parquet
+from pairsift.common.tars import TarError, members_of, split_name
 from pairsift.pipeline.maintenance import taken_down_uids
 from pairsift.pipeline.run_dir import RunDir, stage_labels
 
@@ -38,14 +38,12 @@ class VerifyReport:
 def _tar_keys(path: AnyPath, report: VerifyReport) -> list[str]:
     members: dict[str, set[str]] = {}
     try:
-        with path.open("rb") as handle, tarfile.open(fileobj=handle) as tar:
-            for member in tar:
-                key, _, ext = member.name.rpartition(".")
-                members.setdefault(key, set()).add(ext)
-                data = tar.extractfile(member)
-                if data is None or len(data.read()) != member.size:
-                    report.problem(f"{path.name}: member {member.name} is truncated")
-    except (tarfile.TarError, OSError) as exc:
+        for member in members_of(path):
+            key, ext = split_name(member.name)
+            members.setdefault(key, set()).add(ext)
+            if not member.is_file() or len(member.read()) != member.size:
+                report.problem(f"{path.name}: member {member.name} is truncated")
+    except (TarError, OSError) as exc:
         report.problem(f"{path.name}: does not open as a tar: {exc}")
         return []
     for key, exts in members.items():

@@ -21,7 +21,6 @@ import gzip
 import io
 import json
 import lzma
-import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import pyarrow.csv as pcsv
 
 from pairsift.common.images import EXTENSIONS as IMAGE_EXTENSIONS
 from pairsift.common.storage import AnyPath, as_path, is_remote, open_parquet
+from pairsift.common.tars import Member, TarError, iter_members, split_name
 from pairsift.stages.base import IMAGE
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt", "webdataset")
@@ -109,7 +109,7 @@ def read_batches(path: AnyPath, fmt: str, limits: TarLimits) -> Iterator[pa.Tabl
         raise ValueError(f"unsupported format {fmt}; input.format is one of {FORMATS}")
     try:
         yield from _READERS[fmt](path, limits)
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, EOFError, tarfile.TarError, ValueError, zlib.error,
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, EOFError, TarError, ValueError, zlib.error,
             lzma.LZMAError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if first_line.startswith(str(path)):
@@ -317,20 +317,20 @@ def _repaired(raw: pa.Array) -> tuple[pa.ChunkedArray, list[bool]]:
 def _read_webdataset(path: AnyPath, limits: TarLimits) -> Iterator[pa.Table]:
     """Samples of a webdataset tar (img2dataset output), streamed member by member: url from the
     json, caption from the txt (or the json), the image; a sample's members are adjacent."""
-    with path.open("rb") as raw, tarfile.open(fileobj=_tar_stream(raw), mode="r:") as tar:
+    with path.open("rb") as raw:
         rows: list[dict] = []
         row: dict | None = None
-        for member in tar:
-            if tar.offset > limits.max_tar_bytes:
+        for member in iter_members(_tar_stream(raw)):
+            if member.end > limits.max_tar_bytes:
                 raise ValueError(f"{path}: the tar is over input.max_tar_bytes ({limits.max_tar_bytes:,} bytes "
                                  "read); raise it or split the tar")
-            if not member.isfile() or "." not in member.name.rsplit("/", 1)[-1]:
+            key, ext = split_name(member.name)
+            if not member.is_file() or not ext:
                 continue
-            key, ext = member.name.rsplit(".", 1)
             if row is None or row["source_key"] != key:
                 row = {"source_key": key, "url": None, "caption": None, IMAGE: None, INGEST_REASON: None}
                 rows.append(row)
-            _add_member(row, ext.lower(), tar, member, limits)
+            _add_member(row, ext, member, limits)
             if len(rows) > READ_ROWS:
                 yield _samples_table(path, rows[:-1])
                 rows = rows[-1:]
@@ -385,14 +385,13 @@ class _ForwardReader(io.RawIOBase):
         return self.position
 
 
-def _add_member(row: dict, ext: str, tar: tarfile.TarFile, member: tarfile.TarInfo, limits: TarLimits) -> None:
+def _add_member(row: dict, ext: str, member: Member, limits: TarLimits) -> None:
     if ext not in (*IMAGE_EXTENSIONS, "txt", "json"):
         return
     if member.size > limits.max_member_bytes:  # never read: a sparse member declares GBs in a few KB
         row[INGEST_REASON] = MEMBER_TOO_LARGE
         return
-    handle = tar.extractfile(member)
-    data = handle.read(limits.max_member_bytes + 1) if handle else b""
+    data = member.read(limits.max_member_bytes + 1)
     if len(data) > limits.max_member_bytes:
         row[INGEST_REASON] = MEMBER_TOO_LARGE
     elif ext in IMAGE_EXTENSIONS:

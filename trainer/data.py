@@ -22,7 +22,6 @@ import io
 import json
 import math
 import random
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from pairsift.common.images import EXTENSIONS, open_image
+from pairsift.common.tars import SampleRef, index_tar, read_members
 from pairsift.trainer.config import CaptionConfig, ConfigError
 
 IMAGE_EXTS = tuple(EXTENSIONS)  # the member names an image may have in a shard
@@ -76,104 +76,6 @@ def shard_sizes(shards: list[Path]) -> list[int]:
         n = tables[shard.parent].get(shard.name)
         sizes.append(int(n) if n is not None else len(index_tar(shard)[0]))
     return sizes
-
-
-# ---------------------------------------------------------------- tar index and reads
-
-@dataclass(frozen=True)
-class SampleRef:
-    key: str
-    members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
-
-
-def _split_name(name: str) -> tuple[str, str] | None:
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0:
-        return None
-    return name[:dot], name[dot + 1:].lower()
-
-
-def index_tar(path: Path) -> tuple[list[SampleRef], str | None]:
-    """Group a tar's members by webdataset key. A damaged tar yields what was readable + an error."""
-    refs: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-        members, error = _scan_ustar(path)
-    except _NotPlainUstar:
-        members, error = _scan_tarfile(path)
-    except OSError as err:
-        members, error = [], f"{type(err).__name__}: {err}"
-    for name, offset, size in members:
-        split = _split_name(name)
-        if split:
-            refs.setdefault(split[0], {})[split[1]] = (offset, size)
-    return [SampleRef(k, v) for k, v in refs.items()], error
-
-
-class _NotPlainUstar(Exception):
-    """The tar uses pax/GNU extensions or odd members: let the standard library read it."""
-
-
-def _scan_ustar(path: Path) -> tuple[list[tuple[str, int, int]], str | None]:
-    """Read only the 512-byte headers of a plain ustar file (what webdataset writers produce).
-
-    About 5× faster than iterating ``tarfile``, which matters because every reader indexes the shards
-    it opens each epoch."""
-    members: list[tuple[str, int, int]] = []
-    end = path.stat().st_size
-    pos = 0
-    with open(path, "rb") as f:
-        while pos + 512 <= end:
-            f.seek(pos)
-            hdr = f.read(512)
-            if hdr.count(0) == 512:  # end-of-archive block
-                return members, None
-            stored = hdr[148:156].split(b"\0", 1)[0].strip()
-            if not stored or int(stored, 8) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-                if not members:
-                    raise _NotPlainUstar  # let tarfile produce its own diagnosis
-                return members, f"bad header checksum at byte {pos}"
-            kind = hdr[156:157]
-            if kind not in (b"0", b"\0", b"5") or hdr[124] & 0x80:
-                raise _NotPlainUstar
-            size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if hdr[257:262] == b"ustar" and hdr[345]:
-                name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-            if pos + 512 + size > end:
-                return members, f"unexpected end of data in {name}"
-            if kind != b"5":
-                members.append((name, pos + 512, size))
-            pos += 512 + (size + 511) // 512 * 512
-    return members, (None if pos == end else "unexpected end of data")
-
-
-def _scan_tarfile(path: Path) -> tuple[list[tuple[str, int, int]], str | None]:
-    members: list[tuple[str, int, int]] = []
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if m.isfile():
-                    members.append((m.name, m.offset_data, m.size))
-    except (tarfile.TarError, OSError, EOFError) as err:
-        return members, f"{type(err).__name__}: {err}"
-    return members, None
-
-
-def read_members(f: io.BufferedReader, ref: SampleRef) -> dict[str, bytes]:
-    out = {}
-    for ext, (offset, size) in ref.members.items():
-        f.seek(offset)
-        out[ext] = f.read(size)
-    return out
-
-
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Every sample of one shard in file order (used by evaluation)."""
-    refs, _ = index_tar(path)
-    with open(path, "rb") as f:
-        for ref in refs:
-            yield ref.key, read_members(f, ref)
 
 
 # ---------------------------------------------------------------- captions and per-sample draws

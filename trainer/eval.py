@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 from pairsift.common.images import open_image
+from pairsift.common.tars import iter_tar_samples
 from pairsift.trainer.config import ConfigError
-from pairsift.trainer.data import IMAGE_EXTS, captions_of, expand_shards, iter_tar_samples
+from pairsift.trainer.data import IMAGE_EXTS, captions_of, expand_shards
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from synth_shards import write_shards
 
+from pairsift.common.tars import iter_tar_samples
 from pairsift.trainer.config import CaptionConfig, ConfigError
 from pairsift.trainer.data import (
     StreamSpec,
@@ -19,7 +20,6 @@ from pairsift.trainer.data import (
     check_layout,
     choose_caption,
     expand_shards,
-    iter_tar_samples,
     shard_sizes,
     unit_draw,
 )
@@ -185,7 +185,7 @@ def test_tar_index_matches_tarfile_for_every_tar_format(tmp_path, fmt):
     import io
     import tarfile
 
-    from pairsift.trainer.data import _scan_tarfile, index_tar, read_members
+    from pairsift.common.tars import index_tar, read_members
 
     path = tmp_path / "x.tar"
     names = ["k/0001.jpg", "k/0001.txt", "d" * 70 + "/" + "e" * 90 + ".json", "ünï/0002.txt"]
@@ -199,7 +199,9 @@ def test_tar_index_matches_tarfile_for_every_tar_format(tmp_path, fmt):
     refs, err = index_tar(path)
     assert err is None
     expected: dict[str, dict] = {}
-    for name, offset, size in _scan_tarfile(path)[0]:  # the standard library's reading
+    with tarfile.open(path) as tf:  # the standard library's reading
+        spans = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    for name, offset, size in spans:
         key, ext = name.rsplit(".", 1)
         expected.setdefault(key, {})[ext] = (offset, size)
     assert {r.key: r.members for r in refs} == expected
