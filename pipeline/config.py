@@ -72,7 +72,7 @@ class ExecutorConfig(Strict):
 
 class ShardsConfig(Strict):
     samples_per_shard: int = Field(10_000, gt=0)
-    # Every caption written for the trainer (alt-text, rewrites, enriched caption) must fit the text
+    # Every caption written for the trainer (the alt-text and the caption columns stages declare) must fit the text
     # encoder's context: CLIP's is 77 tokens including its start and end tokens.
     max_caption_tokens: int | None = Field(77, gt=2, description="None = write captions as they are")
     long_captions: Literal["truncate", "drop"] = Field(

@@ -24,7 +24,8 @@ from pydantic import ValidationError
 
 from pairsift.pipeline.errors import UserError
 from pairsift.pipeline.serve import free_port, serve
-from pairsift.pipeline.synth import DefectMix, SynthSummary, _shape_polygon, concept_names, synthesize
+from pairsift.pipeline.synth import DefectMix, SynthSummary, synthesize
+from pairsift.pipeline.synth_draw import _shape_polygon, concept_names
 
 N = 2000
 CONTENT_TYPE = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}

@@ -1,6 +1,6 @@
 """Planted duplicates with ground truth, for measuring ``dedup`` per kind of copy.
 
-Originals are drawn with ``pairsift.pipeline.synth.draw_concept`` (a random colour, shape, texture
+Originals are drawn with ``pairsift.pipeline.synth_draw.draw_concept`` (a random colour, shape, texture
 and size, saved as JPEG); each gets one copy of every kind in ``KINDS``. ``recall_precision`` scores a
 method's output against the families.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
-from pairsift.pipeline.synth import COLOURS, SHAPES, TEXTURES, draw_concept
+from pairsift.pipeline.synth_draw import COLOURS, SHAPES, TEXTURES, draw_concept
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from synthetic_faces import draw_face, jpeg
 
-from pairsift.pipeline.synth import SHAPES, TEXTURES, draw_concept
+from pairsift.pipeline.synth_draw import SHAPES, TEXTURES, draw_concept
 from pairsift.stages import stage_class
 from pairsift.stages.faces import Faces, FacesConfig
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pairsift.pipeline.synth import SHAPES, TEXTURES, draw_concept
+from pairsift.pipeline.synth_draw import SHAPES, TEXTURES, draw_concept
 from pairsift.stages import stage_class
 from pairsift.stages.image_hashes import ImageHashesConfig, hamming
 
