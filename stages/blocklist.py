@@ -1,6 +1,5 @@
 """Known-bad lists: URLs and domains checked before anything is fetched (``url_blocklist``), and
-image hashes checked once the bytes are here (``hash_blocklist``, and the download stage's
-``hash_lists``).
+image hashes checked once the bytes are here (``hash_blocklist``).
 
 An operator supplies lists (CSAM hash-list vendors, takedown requests, opt-out registries, their own
 policy) as files: ``.txt`` (one entry a line, ``#`` comments), ``.csv`` or ``.parquet`` (the column
@@ -229,8 +228,9 @@ class HashLists:
 class HashBlocklist(Stage):
     """Images whose hash is on a known-bad list: dropped with ``blocklisted``, the list in
     ``blocklist`` and the listed hash in ``blocklist_hash``. Runs on images already fetched (or
-    given as webdataset input); to keep such bytes out of the download folder too, give the same
-    lists to the download stage's ``hash_lists``."""
+    given as webdataset input): its rows never reach the training shards and the report never shows
+    them, but the download folder still holds what was fetched until ``pairsift takedown`` removes
+    it (checking hash lists inside the download stage, before anything is written, is not built)."""
 
     name: ClassVar[str] = "hash_blocklist"
     config_class: ClassVar[type[StageConfig]] = HashBlocklistConfig
