@@ -39,7 +39,8 @@ from pairsift.pipeline.run_dir import RunDir
 from pairsift.pipeline.runner import run_pipeline
 from pairsift.pipeline.serve import free_port, serve
 from pairsift.pipeline.shard_runner import read_image_tar
-from pairsift.pipeline.synth import concept_names, synthesize
+from pairsift.pipeline.synth import synthesize
+from pairsift.pipeline.synth_draw import concept_names
 from pairsift.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
