@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from pairsift.common import ray_local
 from pairsift.common.storage import storage_env
 from pairsift.pipeline.config import ExecutorConfig, RayConfig
@@ -52,6 +54,13 @@ class JobResult:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The error a shard failed with, in one line: usually the message's last line, but for a
+    config that fails validation on a worker, the field and what is wrong with it (pydantic's last
+    line is only a link to its documentation)."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or exc.title
+        return f"{type(exc).__name__}: {exc.title}.{where}: {first['msg']}"[:500]
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"[:500]
 
