@@ -288,7 +288,11 @@ def test_engine_process_killed_mid_batch_is_replaced_and_its_shard_retried_once(
             first = first_seen[seen.key]
             assert first.pid in (dead, None) and seen.pid not in (dead, None), (first, seen)
         first_seen.setdefault(seen.key, seen)
-    assert all(s.pid != dead for s in server.seen if s.after_kill)
+    # Requests read after the kill from the dead actor were in flight when it died (the server may
+    # still name a process that is not reaped yet): at most the engine's 2 at once, all from the
+    # interrupted shard; every one of them was asked again by a replacement (checked above).
+    in_flight = [s for s in server.seen if s.after_kill and s.pid in (dead, None)]
+    assert len(in_flight) <= 2 and all(s.key in in_interrupted for s in in_flight), in_flight
     before_kill = {s.pid for s in server.seen if not s.after_kill}
     replacements = {s.pid for s in server.seen if s.after_kill} - before_kill - {None}
     assert replacements, "no replacement actor ran"
