@@ -34,6 +34,18 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # ----------------------------------------------------------------------------------- model loading
 
 
+def worker_device(requested: str, who: str) -> str:
+    """The torch device for ``requested`` (auto/cpu/cuda), decided on the worker that will use it:
+    the driver's view of GPUs says nothing about this process's."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{who}: device 'cuda' requested but this worker sees no CUDA device")
+    return requested
+
+
 def looks_like_path(value: str) -> bool:
     return os.path.exists(value) or "/" in value or os.sep in value or value.endswith(CHECKPOINT_SUFFIXES)
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pairsift.common.clip_models import LOCAL_DIR, load_clip, looks_like_path
+from pairsift.common.clip_models import LOCAL_DIR, load_clip, looks_like_path, worker_device
 from pairsift.stages.base import (
     IMAGE,
     Contract,
@@ -294,14 +294,7 @@ class ClipScore(Stage):
         return Resources(cpus=self.cfg.cpus, gpus=gpus)
 
     def setup(self) -> None:
-        import torch
-
-        # Decided here, on the worker: the driver's view of GPUs says nothing about this actor's.
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("clip_score: device 'cuda' requested but this worker sees no CUDA device")
+        device = worker_device(self.cfg.device, "clip_score")
         model, preprocess, tokenizer = load_clip(self.cfg.model, self.cfg.pretrained, device=device)
         threads = self.cfg.decode_threads or max(1, math.ceil(self.cfg.cpus))
         # On CPU the decode threads need cores too: leave them one, keep at least one for the model.

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pairsift.common.clip_models import load_clip
+from pairsift.common.clip_models import load_clip, worker_device
 from pairsift.stages.base import IMAGE, Contract, Resources, Stage, StageConfig
 from pairsift.stages.clip_score import IMAGE_EMBEDDING, ClipScorer
 from pairsift.stages.generation import alive
@@ -70,19 +70,13 @@ class ConceptTags(Stage):
         return Resources(cpus=self.cfg.cpus, gpus=self.cfg.gpus)
 
     def setup(self) -> None:
-        import torch
 
         from pairsift.stages.metadata import load_metadata
 
         self.entries = list(load_metadata(self.cfg.entries).entries)
         if not self.entries:
             raise ValueError(f"concept_tags: entry list {self.cfg.entries} is empty")
-        # Decided here, on the worker, as clip_score does: the driver's GPUs say nothing about this one's.
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("concept_tags: device 'cuda' requested but this worker sees no CUDA device")
+        device = worker_device(self.cfg.device, "concept_tags")
         model, preprocess, tokenizer = load_clip(self.cfg.clip_model, self.cfg.clip_pretrained, device=device)
         model.eval()
         threads = max(1, math.ceil(self.cfg.cpus))
