@@ -70,7 +70,6 @@ class ConceptTags(Stage):
         return Resources(cpus=self.cfg.cpus, gpus=self.cfg.gpus)
 
     def setup(self) -> None:
-
         from pairsift.stages.metadata import load_metadata
 
         self.entries = list(load_metadata(self.cfg.entries).entries)
